@@ -1,0 +1,143 @@
+"""`python -m pipeline <stage|run|generate> [hydra overrides]`.
+
+Every path ends in a stage's `run(cfg)`; this module only parses arguments and turns
+user errors into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from pipeline import STAGES
+from pipeline.errors import PipelineError
+
+STAGE_MODULES = {
+    "ingest": "pipeline.ingest",
+    "clean": "pipeline.clean",
+    "tokenizer": "pipeline.tokenizer",
+    "shard": "pipeline.shard",
+    "pretrain": "pipeline.pretrain",
+    "finetune": "pipeline.finetune",
+    "eval": "pipeline.evaluate",
+}
+
+STAGE_HELP = {
+    "ingest": "fetch documents (crawl / files / ...) into data/raw/ Parquet shards",
+    "clean": "HTML to text, normalise, filter, exact dedup -> data/clean/ + funnel.json",
+    "tokenizer": "train a byte-level BPE tokenizer -> data/tokenizer/tokenizer.json",
+    "shard": "encode documents into memory-mappable token files -> data/shards/",
+    "pretrain": "train the decoder-only transformer with Lightning -> models/pretrain/",
+    "finetune": "supervised fine-tuning on question/answer pairs -> models/finetune/",
+    "eval": "bits-per-byte, perplexity, BLEU/ROUGE, samples -> reports/",
+}
+
+
+def stage_module(name: str):
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+def _usage() -> str:
+    from pipeline.config import groups
+
+    lines = [
+        "usage: python -m pipeline <command> [hydra overrides ...]",
+        "",
+        "stages (each reads the previous stage's output and writes its own directory):",
+        *(f"  {s:<10} {STAGE_HELP[s]}" for s in STAGES),
+        "",
+        "other commands:",
+        "  run        run every stage in order through the Prefect flow `build-model`",
+        "  generate   sample text: generate --prompt \"...\" [--max-new-tokens N] [--model pretrain|finetune]",
+        "",
+        "config groups (select with group=option, e.g. source=files):",
+    ]
+    try:
+        for g, opts in groups().items():
+            lines.append(f"  {g:<10} {', '.join(opts)}")
+    except PipelineError as e:
+        lines.append(f"  ({e})")
+    lines += [
+        "",
+        "overrides: any key, e.g. clean.min_words=20 pretrain.max_steps=100 paths.root=/tmp/run",
+        "           source=files source.paths='[/data/corpus]'",
+    ]
+    return "\n".join(lines)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors span many lines; keep what names the problem."""
+    msg = str(exc).strip()
+    parts = [p.strip() for p in msg.splitlines() if p.strip() and not p.strip().startswith("full_key")]
+    return " ".join(parts[:6]) if parts else type(exc).__name__
+
+
+def _load(overrides: list[str]):
+    from pipeline.config import load
+
+    return load(overrides)
+
+
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline generate")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--model", choices=["latest", "pretrain", "finetune"], default="latest")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = _load(args.overrides)
+    from pipeline.generate import generate_from_run
+
+    print(
+        generate_from_run(
+            cfg,
+            args.prompt,
+            which=args.model,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if any(a in ("-h", "--help") for a in rest) and command != "generate":
+        print(_usage())
+        return 0
+    try:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            if command in STAGE_MODULES:
+                summary = stage_module(command).run(_load(rest))
+                print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "inputs")}, default=str))
+                return 0
+            if command == "run":
+                from flows.build import build_model
+
+                build_model(overrides=rest)
+                return 0
+            if command == "generate":
+                return _generate(rest)
+            raise PipelineError(
+                f"unknown stage or command {command!r}; expected one of: {', '.join([*STAGES, 'run', 'generate'])}"
+            )
+        except (HydraException, OmegaConfBaseException) as e:
+            raise PipelineError(f"config error: {_one_line(e)}") from e
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
