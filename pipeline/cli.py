@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from pipeline import STAGES
@@ -74,6 +75,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(parts[:6]) if parts else type(exc).__name__
 
 
+def _prefect_env() -> None:
+    """A local run starts a temporary Prefect server; give it time to boot on small machines."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def _load(overrides: list[str]):
     from pipeline.config import load
 
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "inputs")}, default=str))
                 return 0
             if command == "run":
+                _prefect_env()
                 from flows.build import build_model
 
                 build_model(overrides=rest)

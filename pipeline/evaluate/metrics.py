@@ -1,0 +1,107 @@
+"""Scores: bits per byte, perplexity, BLEU, ROUGE-L, and a batched torch scorer.
+
+Window convention for models: the held-out stream t[0..N-1] is cut into consecutive,
+non-overlapping windows ``t[s : s+B+1]`` (s = 0, B, 2B, ...); each window predicts its last
+B tokens from the ones before them inside the window. Every token t[1..N-1] is scored once,
+t[0] by nobody, and the n-gram baseline scores the very same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LN2 = math.log(2.0)
+
+
+def bits_per_byte(total_nats: float, n_bytes: int) -> float:
+    """Tokenizer-independent: total -ln p over the text, in bits, divided by its UTF-8 bytes."""
+    if n_bytes <= 0:
+        raise ValueError("bits_per_byte needs a positive byte count")
+    return float(total_nats) / (LN2 * n_bytes)
+
+
+def perplexity(total_nats: float, n_tokens: int) -> float:
+    if n_tokens <= 0:
+        raise ValueError("perplexity needs a positive token count")
+    return math.exp(float(total_nats) / n_tokens)
+
+
+def bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 0-100)."""
+    import sacrebleu
+
+    if not hypotheses:
+        return 0.0
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l_f1(hypothesis: str, reference: str) -> float:
+    """ROUGE-L F1 (beta = 1) of one pair: LCS over lowercased whitespace tokens, in [0, 1]."""
+    h, r = hypothesis.lower().split(), reference.lower().split()
+    lcs = _lcs_length(h, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(h), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(hypotheses: list[str], references: list[str]) -> float:
+    """Mean per-pair ROUGE-L F1, scaled to 0-100 like BLEU."""
+    if not hypotheses:
+        return 0.0
+    return 100.0 * sum(rouge_l_f1(h, r) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
+
+
+def score_model(model, tokens: np.ndarray, block_size: int, batch_size: int = 8) -> tuple[float, int]:
+    """Total -ln p (nats) and count of tokens[1:] under ``model`` (idx [B,T] -> logits [B,T,V])."""
+    import torch
+    import torch.nn.functional as F
+
+    tokens = np.asarray(tokens).astype(np.int64)
+    B = int(block_size)
+    n_full = (len(tokens) - 1) // B
+    total, count = 0.0, 0
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+
+    def run(x: np.ndarray, y: np.ndarray) -> None:
+        nonlocal total, count
+        logits = model(torch.from_numpy(x))
+        if isinstance(logits, (tuple, list)):  # (logits, loss)-style forwards
+            logits = logits[0]
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += y.size
+
+    try:
+        with torch.no_grad():
+            if n_full:
+                windows = tokens[: n_full * B + 1]
+                xs = windows[:-1].reshape(n_full, B)
+                ys = windows[1:].reshape(n_full, B)
+                for lo in range(0, n_full, batch_size):
+                    run(xs[lo : lo + batch_size], ys[lo : lo + batch_size])
+            rest = tokens[n_full * B :]
+            if len(rest) > 1:
+                run(rest[:-1][None, :], rest[1:][None, :])
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return total, count

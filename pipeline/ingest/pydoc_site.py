@@ -1,0 +1,164 @@
+"""The embedded default corpus: Python's own documentation server, crawled like any site.
+
+This module only starts ``python -m pydoc -p 0`` on loopback and configures the crawl;
+robots, caps and fetching live in :mod:`pipeline.ingest.crawler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+from pipeline.artifacts import doc_id
+from pipeline.errors import PipelineError
+from pipeline.ingest.crawler import CrawlConfig, Crawler
+
+READY = re.compile(r"Server ready at (http://\S+?)/?\s*$")
+CANONICAL_PREFIX = "pydoc://"
+
+
+@contextlib.contextmanager
+def pydoc_server(startup_timeout: float = 30.0) -> Iterator[str]:
+    """Run the pydoc HTTP server for the stdlib only and yield its base URL; always stops it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # A fixed hash seed keeps set reprs in rendered pages stable; safe-path and an empty cwd
+    # keep whatever directory we run from out of the module index.
+    env.update(PYTHONHASHSEED="0", PYTHONSAFEPATH="1", PYTHONDONTWRITEBYTECODE="1", PYTHONIOENCODING="utf-8")
+    cmd = [sys.executable, "-S", "-m", "pydoc", "-n", "127.0.0.1", "-p", "0"]
+    with tempfile.TemporaryDirectory(prefix="pydoc-cwd-") as cwd:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,  # kept open: pydoc's server quits on stdin EOF
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+        tail: deque[str] = deque(maxlen=20)
+
+        def drain() -> None:
+            # Keep reading for the server's whole life so imports that print never block it.
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=drain, name="pydoc-stdout", daemon=True).start()
+        try:
+            yield _wait_ready(proc, lines, tail, startup_timeout)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen, lines: queue.Queue, tail: deque, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PipelineError(
+                f"pydoc server did not print 'Server ready at ...' within {timeout:g}s"
+                f" (output: {' | '.join(tail) or 'none'})"
+            )
+        try:
+            line = lines.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            continue
+        if line is None:
+            code = proc.wait()
+            raise PipelineError(
+                f"pydoc server exited with code {code} before it was ready (output: {' | '.join(tail) or 'none'})"
+            )
+        if m := READY.search(line.strip()):
+            return m.group(1)
+
+
+def module_of(url: str) -> str | None:
+    """The module a pydoc page documents: ``/tkinter.ttk.html`` -> ``tkinter.ttk``."""
+    path = urlsplit(url).path.lstrip("/")
+    if not path.endswith(".html") or "/" in path:
+        return None
+    name = path[: -len(".html")]
+    return name if name and name not in ("index", "topics", "keywords") else None
+
+
+def denier(deny: list[str]):
+    """Hook for the crawler: skip pages whose module or any parent package is denied."""
+    denied = set(deny)
+
+    def check(url: str) -> str | None:
+        module = module_of(url)
+        if module is None:
+            return None
+        parts = module.split(".")
+        if any(".".join(parts[: i + 1]) in denied for i in range(len(parts))):
+            return "deny"
+        return None
+
+    return check
+
+
+def canonicalizer(base_url: str):
+    """Port-independent URLs (``pydoc:///json.html``) so raw data is identical across runs."""
+    base = base_url.rstrip("/")
+
+    def canonical(url: str) -> str:
+        return CANONICAL_PREFIX + url[len(base) :] if url.startswith(base) else url
+
+    return canonical
+
+
+def documents(source, stats: dict) -> Iterator[dict]:
+    """Start the server, crawl it, yield raw rows; crawl statuses and bytes go into ``stats``."""
+    with pydoc_server(float(source.get("startup_timeout", 30))) as base_url:
+        config = CrawlConfig(
+            seeds=[base_url + "/"],
+            max_pages=int(source.max_pages),
+            max_depth=int(source.max_depth),
+            max_bytes=int(source.max_bytes),
+            timeout=float(source.timeout),
+            delay=float(source.delay),
+            user_agent=str(source.user_agent),
+            skip_paths=list(source.skip_paths),
+            scrub=list(source.scrub),
+            allow_private=bool(source.get("allow_private", True)),
+        )
+        crawler = Crawler(config, canonical=canonicalizer(base_url), deny=denier(list(source.deny)))
+        started = time.perf_counter()
+        try:
+            for page in crawler.crawl():
+                yield {
+                    "id": doc_id(page.html),
+                    "url": page.canonical,
+                    "source": "pydoc_site",
+                    "content_type": page.content_type,
+                    "http_status": page.status,
+                    "html": page.html,
+                    "text": None,
+                }
+        finally:
+            stats["crawl_seconds"] = round(time.perf_counter() - started, 3)
+            stats["statuses"] = dict(sorted(crawler.stats.items()))
+            stats["pages_fetched"] = crawler.stats.get("fetched", 0)
+            stats["bytes_fetched"] = crawler.bytes
+            stats["robots"] = {canonicalizer(base_url)(k): v for k, v in crawler.robots_note.items()}

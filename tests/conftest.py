@@ -1,0 +1,71 @@
+"""Shared fixtures: a small real corpus (pydoc text of stdlib modules) and clean Hydra state."""
+
+from __future__ import annotations
+
+import os
+import pydoc
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A local Prefect run starts a temporary server: keep its state out of ~ and give it time.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS_MODULES = [
+    "json", "os", "re", "collections", "pathlib", "typing", "inspect", "functools", "itertools",
+    "subprocess", "argparse", "logging", "datetime", "random", "string", "shutil", "textwrap", "csv",
+]
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def write_clean_corpus(root: Path, modules=CORPUS_MODULES, rows_per_shard: int = 5) -> Path:
+    """Write pydoc plain-text pages as data/clean shards (the clean stage's output schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import doc_id
+
+    out = Path(root) / "data" / "clean"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in modules:
+        text = pydoc.render_doc(__import__(name), renderer=pydoc.plaintext)
+        rows.append({"id": doc_id(text), "text": text, "url": f"pydoc:///{name}.html", "source": "pydoc_site",
+                     "raw_id": doc_id(text)})
+    for i in range(0, len(rows), rows_per_shard):
+        pq.write_table(pa.Table.from_pylist(rows[i : i + rows_per_shard]), out / f"part-{i // rows_per_shard:05d}.parquet")
+    return out
+
+
+@pytest.fixture
+def clean_corpus(tmp_path) -> Path:
+    write_clean_corpus(tmp_path)
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None):
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
