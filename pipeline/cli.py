@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if command in STAGE_MODULES:
-                summary = stage_module(command).run(_load(rest))
+                cfg = _load(rest)
+                summary = stage_module(command).run(cfg)
                 print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "inputs")}, default=str))
                 return 0
             if command == "run":
