@@ -69,3 +69,42 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict |
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+# A CPU-minutes version of the default pipeline: same stages and code, smaller everything.
+TINY = {
+    "source.max_pages": 70,
+    "tokenizer.vocab_size": 1024,
+    "model.n_layer": 2,
+    "model.n_head": 4,
+    "model.d_model": 128,
+    "model.mlp_hidden": 384,
+    "model.block_size": 128,
+    "pretrain.max_steps": 200,
+    "pretrain.val_every": 100,
+    "pretrain.batch_size": 16,
+    "finetune.max_steps": 20,
+    "finetune.val_every": 10,
+    "eval.max_val_tokens": 20000,
+    "eval.max_heldout_pairs": 6,
+    "eval.max_new_tokens": 16,
+}
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    return [f"paths.root={root}", *(f"{k}={v}" for k, v in TINY.items())]
+
+
+def write_tiny_conf(conf: Path) -> None:
+    """Bake TINY into a copy of conf/ (for `dvc repro`, which reads the files as they are)."""
+    import yaml
+
+    group_file = {"source": "source/pydoc_site.yaml", "tokenizer": "tokenizer/bpe.yaml", "model": "model/gpt_tiny.yaml",
+                  "pretrain": "pretrain/cpu.yaml", "finetune": "finetune/default.yaml", "eval": "eval/default.yaml"}
+    for key, value in TINY.items():
+        group, name = key.split(".", 1)
+        path = conf / group_file[group]
+        data = yaml.safe_load(path.read_text())
+        assert name in data, f"{key} is not in {path}"
+        data[name] = value
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
