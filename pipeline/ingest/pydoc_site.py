@@ -7,12 +7,12 @@ robots, caps and fetching live in :mod:`pipeline.ingest.crawler`.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import queue
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -28,47 +28,48 @@ CANONICAL_PREFIX = "pydoc://"
 
 
 @contextlib.contextmanager
-def pydoc_server(startup_timeout: float = 30.0) -> Iterator[str]:
+def pydoc_server(startup_timeout: float = 30.0, cmd: list[str] | None = None) -> Iterator[str]:
     """Run the pydoc HTTP server for the stdlib only and yield its base URL; always stops it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    # A fixed hash seed keeps set reprs in rendered pages stable; safe-path and an empty cwd
-    # keep whatever directory we run from out of the module index.
+    # A fixed hash seed keeps set reprs in rendered pages stable. pydoc adds its cwd to
+    # sys.path unless it is already there: running from the stdlib directory (already on the
+    # path) keeps our checkout out of the index and the page text independent of where we run.
     env.update(PYTHONHASHSEED="0", PYTHONSAFEPATH="1", PYTHONDONTWRITEBYTECODE="1", PYTHONIOENCODING="utf-8")
-    cmd = [sys.executable, "-S", "-m", "pydoc", "-n", "127.0.0.1", "-p", "0"]
-    with tempfile.TemporaryDirectory(prefix="pydoc-cwd-") as cwd:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,  # kept open: pydoc's server quits on stdin EOF
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-        tail: deque[str] = deque(maxlen=20)
+    cmd = cmd or [sys.executable, "-S", "-m", "pydoc", "-n", "127.0.0.1", "-p", "0"]
+    cwd = os.path.dirname(os.__file__)
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,  # kept open: pydoc's server quits on stdin EOF
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    tail: deque[str] = deque(maxlen=20)
 
-        def drain() -> None:
-            # Keep reading for the server's whole life so imports that print never block it.
-            for line in proc.stdout:
-                tail.append(line.rstrip())
-                lines.put(line)
-            lines.put(None)
+    def drain() -> None:
+        # Keep reading for the server's whole life so imports that print never block it.
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            lines.put(line)
+        lines.put(None)
 
-        threading.Thread(target=drain, name="pydoc-stdout", daemon=True).start()
+    threading.Thread(target=drain, name="pydoc-stdout", daemon=True).start()
+    try:
+        yield _wait_ready(proc, lines, tail, startup_timeout)
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.terminate()
         try:
-            yield _wait_ready(proc, lines, tail, startup_timeout)
-        finally:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen, lines: queue.Queue, tail: deque, timeout: float) -> str:
@@ -103,15 +104,16 @@ def module_of(url: str) -> str | None:
 
 
 def denier(deny: list[str]):
-    """Hook for the crawler: skip pages whose module or any parent package is denied."""
-    denied = set(deny)
+    """Hook for the crawler: skip pages whose module or a parent package matches a deny pattern."""
+    patterns = [str(p) for p in deny]
 
     def check(url: str) -> str | None:
         module = module_of(url)
         if module is None:
             return None
         parts = module.split(".")
-        if any(".".join(parts[: i + 1]) in denied for i in range(len(parts))):
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatchcase(m, p) for m in prefixes for p in patterns):
             return "deny"
         return None
 
