@@ -1,0 +1,362 @@
+"""Eval stage: held-out bits per byte and perplexity for the pretrained model, the fine-tuned
+model and an interpolated Kneser-Ney n-gram baseline (all on exactly the same tokens), BLEU
+and ROUGE-L on held-out fine-tuning pairs, samples, plots -> ``reports/``.
+
+Model code (``pipeline.model``, ``pipeline.generate``, ``pipeline.sft_data``) is imported
+lazily, so this package imports without torch models being importable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import Timer, atomic_dir, code_version, hash_tree, read_json, require_dir, write_json, write_summary
+from pipeline.errors import PipelineError
+from pipeline.evaluate import metrics as M
+from pipeline.evaluate import report as R
+from pipeline.evaluate.ngram import KneserNey, stream_chunks
+
+STOP_STRINGS = ("<|end|>", "<|endoftext|>", "<|user|>", "<|system|>")
+USER, END, ASSISTANT = "<|user|>", "<|end|>", "<|assistant|>"
+
+
+# ------------------------------------------------------------------ seams (lazy imports)
+
+def _load_model(run_dir: Path):
+    """(model in eval mode, meta) from a training run directory."""
+    from pipeline.model import load_trained
+
+    model, meta = load_trained(run_dir)
+    model.eval()
+    return model, meta
+
+
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    from pipeline.generate import generate
+
+    return generate(model, tokenizer, prompt, max_new_tokens, temperature=0.0, top_k=None, seed=seed)
+
+
+def _chat_prompt(question: str) -> str:
+    try:
+        from pipeline.sft_data import chat_prompt
+    except ModuleNotFoundError as e:  # only while pipeline.sft_data is not written yet
+        if e.name != "pipeline.sft_data":
+            raise
+        return f"{USER}{question}{END}{ASSISTANT}"
+    return chat_prompt(question)
+
+
+def _token_byte_lengths(tokenizer) -> np.ndarray:
+    from pipeline.tokenizer import token_byte_lengths
+
+    return np.asarray(token_byte_lengths(tokenizer), dtype=np.int64)
+
+
+# ------------------------------------------------------------------ inputs
+
+def _load_tokenizer(tok_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(tok_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise PipelineError(f"tokenizer not found at {path}: run `python -m pipeline tokenizer` first")
+    return Tokenizer.from_file(str(path))
+
+
+def _load_index(shards_dir: Path) -> dict:
+    path = Path(shards_dir) / "index.json"
+    if not path.is_file():
+        raise PipelineError(f"token shard index not found at {path}: run `python -m pipeline shard` first")
+    index = read_json(path)
+    for split in ("train", "val"):
+        if split not in index.get("splits", {}):
+            raise PipelineError(f"{path} has no {split!r} split: rerun `python -m pipeline shard`")
+    return index
+
+
+def open_split(shards_dir: Path, index: dict, split: str) -> list[np.memmap]:
+    dtype = np.dtype(index["dtype"]).newbyteorder("<")
+    arrays = []
+    for f in index["splits"][split]["files"]:
+        path = Path(shards_dir) / f["name"]
+        if not path.is_file():
+            raise PipelineError(f"token file {path} listed in index.json is missing: rerun `python -m pipeline shard`")
+        if path.stat().st_size:
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    return arrays
+
+
+def read_tokens(arrays: list[np.ndarray], max_tokens: int) -> np.ndarray:
+    """The first ``max_tokens`` tokens of a split (all of it when max_tokens <= 0), as int64."""
+    pieces = list(stream_chunks(arrays, max_tokens if max_tokens > 0 else None))
+    return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
+
+
+def read_pairs(path: Path, limit: int) -> list[dict]:
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if len(pairs) >= limit:
+                break
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if str(row.get("question", "")).strip() and str(row.get("answer", "")).strip():
+                pairs.append({"question": str(row["question"]), "answer": str(row["answer"])})
+    return pairs
+
+
+def clean_answer(text: str) -> str:
+    """A generated answer up to the first chat/end marker."""
+    cut = len(text)
+    for s in STOP_STRINGS:
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut].strip()
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _r(x: float, digits: int = 6) -> float:
+    return round(float(x), digits)
+
+
+# ------------------------------------------------------------------ stage
+
+def run(cfg) -> dict:
+    timer = Timer()
+    ec = cfg.eval
+    seed = int(cfg.seed)
+    timings: dict[str, float] = {}
+
+    tok_dir = require_dir(cfg.paths.tokenizer, "tokenizer", "tokenizer")
+    shards_dir = require_dir(cfg.paths.shards, "token shards", "shard")
+    pre_dir = require_dir(cfg.paths.pretrain, "pretrained model", "pretrain")
+    ft_dir = Path(cfg.paths.finetune)
+    has_ft = ft_dir.is_dir()
+    funnel_path = Path(cfg.paths.clean) / "funnel.json"
+    stats_path = tok_dir / "stats.json"
+
+    tokenizer = _load_tokenizer(tok_dir)
+    index = _load_index(shards_dir)
+    byte_len = _token_byte_lengths(tokenizer)
+    vocab_size = int(tokenizer.get_vocab_size())
+
+    # the held-out stream: tokens 1..N-1 of the first N val tokens are scored by everyone
+    val = read_tokens(open_split(shards_dir, index, "val"), int(ec.max_val_tokens))
+    if len(val) < 2:
+        raise PipelineError(f"the val split in {shards_dir} has {len(val)} tokens; need at least 2 to evaluate")
+    if int(val.max()) >= len(byte_len):
+        raise PipelineError(
+            f"val token id {int(val.max())} is outside the tokenizer's vocabulary ({len(byte_len)}): "
+            f"the shards and tokenizer disagree; rerun `python -m pipeline shard`"
+        )
+    val_tokens = len(val) - 1
+    val_bytes = int(byte_len[val[1:]].sum())
+    if val_bytes <= 0:
+        raise PipelineError(f"the scored val tokens in {shards_dir} decode to 0 bytes")
+
+    # n-gram baseline
+    t0 = time.perf_counter()
+    cap = int(ec.get("ngram_max_train_tokens", 0) or 0)
+    kn = KneserNey(int(ec.ngram_order), float(ec.ngram_discount), vocab_size)
+    kn.fit(stream_chunks(open_split(shards_dir, index, "train"), cap or None), vocab_size)
+    ng_nats, ng_count = kn.nats(val, start=1)
+    assert ng_count == val_tokens
+    timings["ngram"] = round(time.perf_counter() - t0, 3)
+    results: dict[str, dict] = {
+        "ngram": {"val_bpb": _r(M.bits_per_byte(ng_nats, val_bytes)), "val_ppl": _r(M.perplexity(ng_nats, ng_count))}
+    }
+
+    # held-out fine-tuning pairs (they live with the fine-tuning run)
+    pairs_path = ft_dir / "sft" / "heldout.jsonl"
+    pairs = read_pairs(pairs_path, int(ec.max_heldout_pairs)) if has_ft and pairs_path.is_file() else []
+
+    runs = {"pretrain": pre_dir, **({"finetune": ft_dir} if has_ft else {})}
+    samples = [{"prompt": str(p), "outputs": []} for p in ec.prompts]
+    generated: dict[str, list[str]] = {}
+    block_sizes: dict[str, int] = {}
+    max_new = int(ec.max_new_tokens)
+    for name, run_dir in runs.items():
+        import torch
+
+        torch.manual_seed(seed)
+        model, meta = _load_model(run_dir)
+        block_sizes[name] = int(meta["block_size"])
+        t0 = time.perf_counter()
+        nats, count = M.score_model(model, val, block_sizes[name], int(ec.get("batch_size", 8)))
+        timings[f"{name}_score"] = round(time.perf_counter() - t0, 3)
+        assert count == val_tokens
+        results[name] = {"val_bpb": _r(M.bits_per_byte(nats, val_bytes)), "val_ppl": _r(M.perplexity(nats, count))}
+        t0 = time.perf_counter()
+        for s in samples:
+            s["outputs"].append((name, _generate(model, tokenizer, s["prompt"], max_new, seed)))
+        if pairs:
+            answers = [clean_answer(_generate(model, tokenizer, _chat_prompt(p["question"]), max_new, seed)) for p in pairs]
+            refs = [p["answer"] for p in pairs]
+            generated[name] = answers
+            results[name]["bleu"] = _r(M.bleu(answers, refs), 4)
+            results[name]["rougeL"] = _r(M.rouge_l(answers, refs), 4)
+        timings[f"{name}_generate"] = round(time.perf_counter() - t0, 3)
+        del model
+
+    beats = results["pretrain"]["val_bpb"] < results["ngram"]["val_bpb"]
+    metrics_json = {
+        **results,
+        "val_tokens": val_tokens,
+        "val_bytes": val_bytes,
+        "heldout_pairs": len(pairs),
+        "pretrain_beats_ngram": bool(beats),
+    }
+
+    # ------------------------------------------------------------ report
+    root = Path(cfg.paths.root)
+    inputs = {"tokenizer": tok_dir, "shards": shards_dir, "pretrain": pre_dir}
+    if has_ft:
+        inputs["finetune"] = ft_dir
+    if funnel_path.is_file():
+        inputs["funnel"] = funnel_path
+    lineage = [{"name": k, "path": _rel(p, root), "sha256": hash_tree(p)} for k, p in inputs.items()]
+    from pipeline.config import config_hash
+
+    pre, ng = results["pretrain"]["val_bpb"], results["ngram"]["val_bpb"]
+    if beats:
+        headline = (
+            f"The pretrained model beats the order-{kn.order} n-gram baseline: {pre:.4f} vs {ng:.4f} bits per byte "
+            f"on held-out text ({(ng - pre) / ng:.1%} lower)."
+        )
+    else:
+        headline = (
+            f"The pretrained model does NOT beat the order-{kn.order} n-gram baseline: {pre:.4f} vs {ng:.4f} bits "
+            f"per byte on held-out text."
+        )
+    notes = [
+        f"Kneser-Ney baseline: order {kn.order}, discount {kn.discount}, trained on {kn.train_tokens} train tokens"
+        + (f" (capped by eval.ngram_max_train_tokens={cap})." if cap and kn.train_tokens >= cap else "."),
+    ]
+    if has_ft:
+        ft = results["finetune"]
+        notes.append(f"Fine-tuned model: {ft['val_bpb']:.4f} bits per byte on the same held-out text.")
+        if pairs:
+            notes.append(
+                f"Held-out Q&A ({len(pairs)} pairs): BLEU {results['pretrain']['bleu']:.2f} -> {ft['bleu']:.2f}, "
+                f"ROUGE-L {results['pretrain']['rougeL']:.2f} -> {ft['rougeL']:.2f} (pretrained -> fine-tuned)."
+            )
+    else:
+        notes.append(
+            f"No fine-tuned model at {_rel(ft_dir, root)}: run `python -m pipeline finetune` to add it to this report."
+        )
+    qa_note = (
+        f"No fine-tuned model at {_rel(ft_dir, root)}, so no held-out pairs: run `python -m pipeline finetune` first."
+        if not has_ft
+        else f"No held-out pairs found at {_rel(pairs_path, root)}."
+    )
+    if has_ft and not pairs:
+        notes.append(qa_note + " BLEU and ROUGE-L were not computed.")
+
+    label = {"ngram": f"n-gram (Kneser-Ney, order {kn.order})", "pretrain": "pretrained", "finetune": "fine-tuned"}
+    rows = [
+        {"label": label[m], "val_bpb": results[m]["val_bpb"], "val_ppl": results[m]["val_ppl"],
+         "bleu": results[m].get("bleu"), "rougeL": results[m].get("rougeL")}
+        for m in ("ngram", "pretrain", "finetune") if m in results
+    ]
+    blocks = ", ".join(f"{m}: {b}" for m, b in block_sizes.items())
+    window_note = (
+        f"Transformers read consecutive non-overlapping windows of block_size tokens ({blocks}); each token is "
+        f"predicted from the earlier tokens of its window. The n-gram model conditions on the {kn.order - 1} "
+        f"previous tokens. Bits per byte = total nats / (ln 2 x UTF-8 bytes of the scored tokens); "
+        f"perplexity = exp(mean nats per token)."
+    )
+
+    curves_data = {name: R.read_curves(d) for name, d in runs.items()}
+    curves_notes = []
+    for name, d in runs.items():
+        c = curves_data[name]
+        if c is None:
+            curves_notes.append(f"{name}: no metrics.csv with train/val loss under {_rel(d, root)}.")
+        else:
+            last = {k: c[k][1][-1] for k in ("train", "val") if c[k][1]}
+            best_val = min(c["val"][1]) if c["val"][1] else None
+            parts = [f"last {k} loss {v:.4f}" for k, v in last.items()]
+            if best_val is not None:
+                parts.append(f"best val loss {best_val:.4f}")
+            curves_notes.append(f"{name}: " + ", ".join(parts) + f" ({_rel(c['path'], root)}).")
+    if not has_ft:
+        curves_notes.append("finetune: not run.")
+
+    funnel = R.funnel_view(read_json(funnel_path)) if funnel_path.is_file() else None
+    funnel_note = f"No data funnel at {_rel(funnel_path, root)}: run `python -m pipeline clean` to produce it."
+
+    stats = read_json(stats_path) if stats_path.is_file() else {}
+    tok_rows = [
+        ("vocabulary size", vocab_size),
+        ("special tokens", len(tokenizer.get_added_tokens_decoder())),
+        ("bytes per token (tokenizer stats.json)", _fmt(stats.get("bytes_per_token"))),
+        ("bytes per token (scored held-out tokens)", f"{val_bytes / val_tokens:.4f}"),
+    ]
+    tok_rows += [
+        (f"stats.json: {k}", _fmt(v))
+        for k, v in sorted(stats.items())
+        if k != "bytes_per_token" and isinstance(v, (int, float, str)) and len(str(v)) <= 80
+    ]
+    if not stats:
+        tok_rows.append(("stats.json", f"missing at {_rel(stats_path, root)}"))
+
+    examples = int(ec.get("report_examples", 5))
+    qa = [
+        {"question": p["question"], "reference": p["answer"], "outputs": {m: generated[m][i] for m in generated}}
+        for i, p in enumerate(pairs[:examples])
+    ]
+
+    context = dict(
+        headline=headline, beats=beats, notes=notes, rows=rows, val_tokens=val_tokens, val_bytes=val_bytes,
+        window_note=window_note, heldout_pairs=len(pairs), max_new_tokens=max_new, curves=curves_notes,
+        funnel=funnel, funnel_note=funnel_note, tokenizer=tok_rows, samples=samples, qa=qa,
+        qa_models=list(generated), qa_note=qa_note, lineage=lineage, config_sha256=config_hash(cfg),
+        code_version=code_version(),
+    )
+    images = {
+        "metrics": R.plot_metrics(results),
+        "curves": R.plot_curves(curves_data),
+        "funnel": R.plot_funnel(funnel) if funnel else None,
+    }
+    md, page = R.render(context, images)
+
+    out = Path(cfg.paths.reports)
+    with atomic_dir(out) as tmp:
+        (tmp / "plots").mkdir()
+        for name, png in images.items():
+            if png:
+                (tmp / "plots" / f"{name}.png").write_bytes(png)
+        write_json(tmp / "metrics.json", metrics_json)
+        (tmp / "report.md").write_text(md, encoding="utf-8")
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+        summary = write_summary(
+            tmp, "eval", cfg, inputs, timer,
+            metrics=metrics_json,
+            ngram_train_tokens=kn.train_tokens,
+            models=list(runs),
+            finetune_present=has_ft,
+            timings=timings,
+            outputs=sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
+        )
+    return summary
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
