@@ -9,6 +9,7 @@ Documents go to train or val by `splits.is_val(doc_id)`, never split across the 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -179,13 +180,26 @@ def run(cfg) -> dict:
     return summary
 
 
-def open_split(shards_dir: Path, split: str) -> list[np.memmap]:
-    """Memory-map every token file of a split, in order."""
-    index_path = Path(shards_dir) / "index.json"
-    if not index_path.is_file():
-        raise PipelineError(f"token shards not found at {shards_dir}: run `python -m pipeline shard` first")
-    import json
+def read_index(shards_dir: Path) -> dict:
+    path = Path(shards_dir) / "index.json"
+    if not path.is_file():
+        raise PipelineError(f"token shard index not found at {path}: run `python -m pipeline shard` first")
+    index = json.loads(path.read_text())
+    for split in SPLITS:
+        if split not in index.get("splits", {}):
+            raise PipelineError(f"{path} has no {split!r} split: rerun `python -m pipeline shard`")
+    return index
 
-    index = json.loads(index_path.read_text())
+
+def open_split(shards_dir: Path, split: str, index: dict | None = None) -> list[np.memmap]:
+    """Memory-map every (non-empty) token file of a split, in order."""
+    index = index or read_index(shards_dir)
     dtype = np.dtype(index["dtype"]).newbyteorder("<")
-    return [np.memmap(Path(shards_dir) / f["name"], dtype=dtype, mode="r") for f in index["splits"][split]["files"]]
+    arrays = []
+    for f in index["splits"][split]["files"]:
+        path = Path(shards_dir) / f["name"]
+        if not path.is_file():
+            raise PipelineError(f"token file {path} listed in index.json is missing: rerun `python -m pipeline shard`")
+        if path.stat().st_size:
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+    return arrays

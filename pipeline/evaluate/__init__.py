@@ -19,9 +19,10 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate import report as R
 from pipeline.evaluate.ngram import KneserNey, stream_chunks
+from pipeline.shard import open_split, read_index
+from pipeline.tokenizer import load as load_tokenizer
 
 STOP_STRINGS = ("<|end|>", "<|endoftext|>", "<|user|>", "<|system|>")
-USER, END, ASSISTANT = "<|user|>", "<|end|>", "<|assistant|>"
 
 
 # ------------------------------------------------------------------ seams (lazy imports)
@@ -42,12 +43,8 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int) -> 
 
 
 def _chat_prompt(question: str) -> str:
-    try:
-        from pipeline.sft_data import chat_prompt
-    except ModuleNotFoundError as e:  # only while pipeline.sft_data is not written yet
-        if e.name != "pipeline.sft_data":
-            raise
-        return f"{USER}{question}{END}{ASSISTANT}"
+    from pipeline.sft_data import chat_prompt
+
     return chat_prompt(question)
 
 
@@ -58,38 +55,6 @@ def _token_byte_lengths(tokenizer) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ inputs
-
-def _load_tokenizer(tok_dir: Path):
-    from tokenizers import Tokenizer
-
-    path = Path(tok_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise PipelineError(f"tokenizer not found at {path}: run `python -m pipeline tokenizer` first")
-    return Tokenizer.from_file(str(path))
-
-
-def _load_index(shards_dir: Path) -> dict:
-    path = Path(shards_dir) / "index.json"
-    if not path.is_file():
-        raise PipelineError(f"token shard index not found at {path}: run `python -m pipeline shard` first")
-    index = read_json(path)
-    for split in ("train", "val"):
-        if split not in index.get("splits", {}):
-            raise PipelineError(f"{path} has no {split!r} split: rerun `python -m pipeline shard`")
-    return index
-
-
-def open_split(shards_dir: Path, index: dict, split: str) -> list[np.memmap]:
-    dtype = np.dtype(index["dtype"]).newbyteorder("<")
-    arrays = []
-    for f in index["splits"][split]["files"]:
-        path = Path(shards_dir) / f["name"]
-        if not path.is_file():
-            raise PipelineError(f"token file {path} listed in index.json is missing: rerun `python -m pipeline shard`")
-        if path.stat().st_size:
-            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-    return arrays
-
 
 def read_tokens(arrays: list[np.ndarray], max_tokens: int) -> np.ndarray:
     """The first ``max_tokens`` tokens of a split (all of it when max_tokens <= 0), as int64."""
@@ -148,13 +113,13 @@ def run(cfg) -> dict:
     funnel_path = Path(cfg.paths.clean) / "funnel.json"
     stats_path = tok_dir / "stats.json"
 
-    tokenizer = _load_tokenizer(tok_dir)
-    index = _load_index(shards_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    index = read_index(shards_dir)
     byte_len = _token_byte_lengths(tokenizer)
     vocab_size = int(tokenizer.get_vocab_size())
 
     # the held-out stream: tokens 1..N-1 of the first N val tokens are scored by everyone
-    val = read_tokens(open_split(shards_dir, index, "val"), int(ec.max_val_tokens))
+    val = read_tokens(open_split(shards_dir, "val", index), int(ec.max_val_tokens))
     if len(val) < 2:
         raise PipelineError(f"the val split in {shards_dir} has {len(val)} tokens; need at least 2 to evaluate")
     if int(val.max()) >= len(byte_len):
@@ -171,7 +136,7 @@ def run(cfg) -> dict:
     t0 = time.perf_counter()
     cap = int(ec.get("ngram_max_train_tokens", 0) or 0)
     kn = KneserNey(int(ec.ngram_order), float(ec.ngram_discount), vocab_size)
-    kn.fit(stream_chunks(open_split(shards_dir, index, "train"), cap or None), vocab_size)
+    kn.fit(stream_chunks(open_split(shards_dir, "train", index), cap or None), vocab_size)
     ng_nats, ng_count = kn.nats(val, start=1)
     assert ng_count == val_tokens
     timings["ngram"] = round(time.perf_counter() - t0, 3)
