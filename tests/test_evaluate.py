@@ -169,14 +169,15 @@ class BigramLM:
         return self.table[idx]
 
 
+@pytest.mark.parametrize("stride", [None, 8, 4, 3, 1])
 @pytest.mark.parametrize("n", [2, 17, 33, 64, 65])
-def test_score_model_scores_every_token_after_the_first_once(n):
+def test_score_model_scores_every_token_after_the_first_once(n, stride):
     import torch
 
     V, B = 11, 8
     toks = np.random.default_rng(n).integers(0, V, size=n)
     model = BigramLM(V)
-    nats, count = M.score_model(model, toks, block_size=B, batch_size=3)
+    nats, count = M.score_model(model, toks, block_size=B, batch_size=3, stride=stride)
     logp = torch.log_softmax(model.table, -1).numpy()
     expected = -sum(logp[toks[i - 1], toks[i]] for i in range(1, n))
     assert count == n - 1

@@ -160,7 +160,9 @@ def run(cfg) -> dict:
         model, meta = _load_model(run_dir)
         block_sizes[name] = int(meta["block_size"])
         t0 = time.perf_counter()
-        nats, count = M.score_model(model, val, block_sizes[name], int(ec.get("batch_size", 8)))
+        nats, count = M.score_model(
+            model, val, block_sizes[name], int(ec.get("batch_size", 8)), stride=ec.get("stride")
+        )
         timings[f"{name}_score"] = round(time.perf_counter() - t0, 3)
         assert count == val_tokens
         results[name] = {"val_bpb": _r(M.bits_per_byte(nats, val_bytes)), "val_ppl": _r(M.perplexity(nats, count))}

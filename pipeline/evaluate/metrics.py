@@ -66,41 +66,52 @@ def rouge_l(hypotheses: list[str], references: list[str]) -> float:
     return 100.0 * sum(rouge_l_f1(h, r) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
 
 
-def score_model(model, tokens: np.ndarray, block_size: int, batch_size: int = 8) -> tuple[float, int]:
-    """Total -ln p (nats) and count of tokens[1:] under ``model`` (idx [B,T] -> logits [B,T,V])."""
+def score_model(
+    model, tokens: np.ndarray, block_size: int, batch_size: int = 8, stride: int | None = None
+) -> tuple[float, int]:
+    """Total -ln p (nats) and count of tokens[1:] under ``model`` (idx [B,T] -> logits [B,T,V]).
+
+    Windows of ``block_size`` tokens advance by ``stride`` (default: block_size, no overlap);
+    each window scores only the targets the previous one did not, so every token after the
+    first is scored exactly once and, with stride < block_size, with at least
+    block_size - stride tokens of context (the usual sliding-window perplexity).
+    """
     import torch
     import torch.nn.functional as F
 
     tokens = np.asarray(tokens).astype(np.int64)
     B = int(block_size)
-    n_full = (len(tokens) - 1) // B
+    stride = min(B, int(stride or B))
+    n = len(tokens)
+    windows = []  # (start, end, score_from): x = tokens[start:end], y = tokens[start+1:end+1]
+    start, prev_end = 0, 0
+    while prev_end < n - 1:
+        end = min(start + B, n - 1)
+        windows.append((start, end, max(0, prev_end - start)))
+        prev_end, start = end, start + stride
     total, count = 0.0, 0
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-
-    def run(x: np.ndarray, y: np.ndarray) -> None:
-        nonlocal total, count
-        logits = model(torch.from_numpy(x))
-        if isinstance(logits, (tuple, list)):  # (logits, loss)-style forwards
-            logits = logits[0]
-        loss = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += y.size
-
     try:
         with torch.no_grad():
-            if n_full:
-                windows = tokens[: n_full * B + 1]
-                xs = windows[:-1].reshape(n_full, B)
-                ys = windows[1:].reshape(n_full, B)
-                for lo in range(0, n_full, batch_size):
-                    run(xs[lo : lo + batch_size], ys[lo : lo + batch_size])
-            rest = tokens[n_full * B :]
-            if len(rest) > 1:
-                run(rest[:-1][None, :], rest[1:][None, :])
+            for lo in range(0, len(windows), batch_size):
+                group = windows[lo : lo + batch_size]
+                by_len: dict[int, list] = {}
+                for w in group:
+                    by_len.setdefault(w[1] - w[0], []).append(w)
+                for length, ws in by_len.items():
+                    x = torch.from_numpy(np.stack([tokens[s:e] for s, e, _ in ws]))
+                    y = torch.from_numpy(np.stack([tokens[s + 1 : e + 1] for s, e, _ in ws]))
+                    logits = model(x)
+                    if isinstance(logits, (tuple, list)):  # (logits, loss)-style forwards
+                        logits = logits[0]
+                    nll = F.cross_entropy(
+                        logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+                    ).reshape(len(ws), length)
+                    keep = torch.arange(length)[None, :] >= torch.tensor([f for _, _, f in ws])[:, None]
+                    total += float(nll[keep].sum())
+                    count += int(keep.sum())
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
