@@ -1,0 +1,112 @@
+"""Finetune stage: supervised fine-tuning of the pretrained model on question/answer pairs.
+
+Starts from `paths.pretrain` (its weights, model config and tokenizer), trains on the
+train pairs with the loss on answer tokens only (examples packed into block_size rows),
+validates on the held-out pairs, and writes `paths.finetune/` in the pretrain layout plus
+`sft/train.jsonl` and `sft/heldout.jsonl` (one {"question", "answer", "doc_id"} per line).
+Hardware keys (accelerator, devices, strategy, precision, num_threads) default to the
+`pretrain` group's, so a GPU config applies to both stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from pipeline import sft_data
+from pipeline.artifacts import Timer, sha256_file
+from pipeline.config import config_hash, to_container
+from pipeline.errors import PipelineError
+from pipeline.generate import load_run_tokenizer
+from pipeline.model import CKPT, load_trained
+from pipeline.model.lightning import LitGPT, RowsDataModule
+from pipeline.model.trainer import cleanup_stale, find_resume, fit, is_rank_zero, output_dir, setup_torch
+from pipeline.pretrain import finish_run
+
+HARDWARE = ("accelerator", "devices", "strategy", "precision", "num_nodes", "num_threads", "progress_bar", "compile")
+_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every")
+
+
+def train_settings(cfg) -> dict:
+    """finetune config with hardware keys inherited from `pretrain` unless set here."""
+    fc = to_container(cfg.finetune)
+    pc = to_container(cfg.pretrain)
+    return {**{k: pc[k] for k in HARDWARE if k in pc}, **{k: v for k, v in fc.items() if v is not None or k not in HARDWARE}}
+
+
+def run(cfg, callbacks: tuple = ()) -> dict:
+    """`callbacks`: extra Lightning callbacks (tests use them to interrupt a run)."""
+    timer = Timer()
+    fc = cfg.finetune
+    pre_dir, out = Path(cfg.paths.pretrain), Path(cfg.paths.finetune)
+    if not (pre_dir / CKPT).is_file():
+        raise PipelineError(f"no pretrained model at {pre_dir}: run `python -m pipeline pretrain` first")
+    tc = train_settings(cfg)
+    setup_torch(tc)
+    L.seed_everything(int(cfg.seed), verbose=False)
+
+    base, meta = load_trained(pre_dir)
+    tokenizer = load_run_tokenizer(pre_dir, meta, cfg)
+    train_pairs, held_pairs, info = sft_data.build_pairs(cfg)
+    block = base.cfg.block_size
+    packing = bool(fc.get("packing", True))
+    train_rows = sft_data.build_rows(tokenizer, train_pairs, block, packing)
+    val_rows = sft_data.build_rows(tokenizer, held_pairs, block, packing)
+
+    max_steps = int(fc.max_steps)
+    fp = config_hash({
+        "finetune": {k: v for k, v in tc.items() if k not in _VOLATILE},
+        "seed": int(cfg.seed),
+        "base": sha256_file(pre_dir / CKPT),
+        "pairs": sft_data._qhash("\n".join(p["question"] + "\t" + p["answer"] for p in train_pairs)),
+    })
+    module = LitGPT(
+        model=base.cfg.to_dict(),
+        vocab_size=base.cfg.vocab_size,
+        lr=float(fc.lr),
+        min_lr=float(fc.min_lr),
+        warmup_steps=int(fc.warmup_steps),
+        max_steps=max_steps,
+        weight_decay=float(fc.weight_decay),
+        betas=tuple(fc.get("betas", (0.9, 0.95))),
+        compile=bool(tc.get("compile", False)),
+        optimizer=str(tc.get("optimizer", "adamw")),
+        fingerprint=fp,
+        stage="finetune",
+    )
+    module.model.load_state_dict(base.state_dict())
+    pad = tokenizer.token_to_id(sft_data.PAD)
+    dm = RowsDataModule(
+        train_rows, val_rows, int(fc.batch_size), int(cfg.seed), max_steps, int(fc.get("val_batches", 8)),
+        pad if pad is not None else 0,
+    )
+
+    summary: dict = {"stage": "finetune"}
+    with output_dir(out) as work:
+        sft_data.write_jsonl(work / "sft" / "train.jsonl", train_pairs)
+        sft_data.write_jsonl(work / "sft" / "heldout.jsonl", held_pairs)
+        resume = find_resume(out, fp, max_steps) if tc.get("resume", True) else None
+        result = fit(module, dm, work, tc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
+        if is_rank_zero():
+            inputs = {"pretrain": pre_dir}
+            if info["kind"] == "file":
+                inputs["data"] = Path(info["path"])
+            else:
+                inputs["clean"] = Path(cfg.paths.clean)
+            answer_tokens = sum(sum(1 for t in labels if t != sft_data.IGNORE) for _, labels in train_rows)
+            summary = finish_run(
+                work, module.model, tokenizer, Path(meta["tokenizer"]), "finetune", cfg, timer, result,
+                inputs=inputs, batch_size=int(fc.batch_size),
+                extra={
+                    "pairs": info,
+                    "train_rows": len(train_rows),
+                    "heldout_rows": len(val_rows),
+                    "train_answer_tokens": answer_tokens,
+                    "packing": packing,
+                    "base_steps": meta.get("steps"),
+                },
+            )
+    if is_rank_zero():
+        cleanup_stale(out)
+    return summary

@@ -1,0 +1,72 @@
+"""The decoder-only transformer and how to get a trained one back from a run directory.
+
+A run directory (`models/pretrain/`, `models/finetune/`) holds `checkpoints/last.ckpt`
+(Lightning), `meta.json` (model config, vocab and block size), `tokenizer.json` (the
+tokenizer it was trained with), `metrics.csv`, `hf/` and `_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.model.gpt import GPT, GPTConfig
+
+META = "meta.json"
+CKPT = "checkpoints/last.ckpt"
+
+
+def build_model(model_cfg, vocab_size: int) -> GPT:
+    """A freshly initialised GPT from the `model` config group (a DictConfig or dict)."""
+    d = dict(model_cfg)
+    kind = d.get("kind", "gpt")
+    if kind != "gpt":
+        raise PipelineError(f"model.kind={kind!r} is not supported by pipeline.model (expected 'gpt')")
+    return GPT(GPTConfig.from_dict(d, vocab_size=int(vocab_size)))
+
+
+def _load_ckpt(path: Path, device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # older Lightning checkpoints may pickle non-tensor objects; the file is ours
+        return torch.load(path, map_location=device, weights_only=False)
+
+
+def model_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The GPT's own state dict out of a LightningModule checkpoint (`model.` prefix removed)."""
+    sd = ckpt["state_dict"]
+    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+
+
+def load_trained(run_dir, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """(model in eval mode, meta) from a pretrain/finetune run directory.
+
+    meta has `model` (GPTConfig fields), `vocab_size`, `block_size`, `stage`, `steps`,
+    `tokenizer` (path of the tokenizer.json the model was trained with) and `run_dir`.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CKPT
+    if not ckpt_path.is_file():
+        raise PipelineError(f"no trained model at {run_dir} (missing {CKPT})")
+    ckpt = _load_ckpt(ckpt_path, device)
+    meta_path = run_dir / META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+    else:  # a bare checkpoint directory: rebuild meta from the module's hyperparameters
+        hp = ckpt.get("hyper_parameters", {})
+        cfg = GPTConfig.from_dict(hp["model"], vocab_size=hp["vocab_size"])
+        meta = {"model": cfg.to_dict(), "vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
+                "stage": hp.get("stage"), "steps": ckpt.get("global_step")}
+    cfg = GPTConfig.from_dict(meta["model"], vocab_size=int(meta["vocab_size"]))
+    model = GPT(cfg)
+    model.load_state_dict(model_state(ckpt))
+    model.to(device).eval()
+    tok = run_dir / "tokenizer.json"
+    meta = {**meta, "run_dir": str(run_dir), "tokenizer": str(tok) if tok.is_file() else meta.get("tokenizer")}
+    return model, meta
+
+
+__all__ = ["GPT", "GPTConfig", "build_model", "load_trained", "model_state"]

@@ -1,0 +1,357 @@
+"""Lightning wrappers: the training module and the data modules over token shards / SFT rows.
+
+Batches are indexed by the optimizer step: batch `s` on rank `r` is drawn from a generator
+seeded with (seed, r, s). The sampler starts at the trainer's restored `global_step`, so a run
+resumed from `last.ckpt` sees exactly the batches it would have seen had it never stopped,
+without any dataloader state to checkpoint. Ranks draw disjoint streams (distributed-aware),
+and Lightning's own distributed sampler is turned off (`use_distributed_sampler=False`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.errors import PipelineError
+from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.optim import build_optimizer
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- module
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= total:
+        return min_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class LitGPT(L.LightningModule):
+    """Next-token cross-entropy on (x, y) batches; y = -100 marks positions without loss."""
+
+    def __init__(
+        self,
+        model: dict,
+        vocab_size: int,
+        lr: float = 3e-3,
+        min_lr: float = 3e-4,
+        warmup_steps: int = 0,
+        max_steps: int = 1000,
+        weight_decay: float = 0.1,
+        betas: Sequence[float] = (0.9, 0.95),
+        compile: bool = False,
+        optimizer: str = "adamw",
+        fingerprint: str = "",
+        stage: str = "pretrain",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(GPTConfig.from_dict(model, vocab_size=vocab_size))
+        # compiled forward kept outside the module tree so state_dict keys stay plain
+        self._fwd: list[Callable] = [torch.compile(self.model) if compile else self.model]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._fwd[0](idx)
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = build_optimizer(self.model, hp.optimizer, hp.lr, hp.betas, hp.weight_decay)
+        total = int(hp.max_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, 1.0, hp.min_lr / hp.lr, int(hp.warmup_steps), total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Throughput(L.Callback):
+    """Wall time spent in training steps (validation excluded), for tokens/s in the summary."""
+
+    def __init__(self) -> None:
+        self.train_seconds = 0.0
+        self.steps = 0
+        self._t = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t is not None:
+            self.train_seconds += time.perf_counter() - self._t
+            self.steps += 1
+            self._t = None
+
+
+class StopAt(L.Callback):
+    """Stop after a given global step (used to simulate an interrupted run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+# ---------------------------------------------------------------- step-indexed data
+
+
+class StepSampler(Sampler[int]):
+    """Yields step numbers from the trainer's current step to `end` (resume = skip nothing twice)."""
+
+    def __init__(self, start: Callable[[], int], end: int) -> None:
+        self.start, self.end = start, int(end)
+
+    def __iter__(self):
+        return iter(range(self.start(), self.end))
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start())
+
+
+class WindowBatches(Dataset):
+    """`batches[step]` -> (x, y): random windows of block_size+1 tokens from memory-mapped arrays."""
+
+    def __init__(self, arrays: list[np.ndarray], block_size: int, batch_size: int, seed: int, rank: int = 0) -> None:
+        self.arrays = [a for a in arrays if len(a) > block_size]
+        self.T, self.B, self.seed, self.rank = block_size, batch_size, int(seed), int(rank)
+        self.counts = np.array([len(a) - block_size for a in self.arrays], dtype=np.int64)
+        self.cum = np.cumsum(self.counts)
+        if not len(self.arrays):
+            total = sum(len(a) for a in arrays)
+            raise PipelineError(
+                f"the train split has {total} tokens, fewer than block_size+1={block_size + 1}: "
+                "add data or lower model.block_size"
+            )
+
+    def __len__(self) -> int:  # steps are unbounded; the sampler decides
+        return 2**62
+
+    def starts(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+        g = rng.integers(0, int(self.cum[-1]), size=self.B)
+        f = np.searchsorted(self.cum, g, side="right")
+        return f, g - (self.cum[f] - self.counts[f])
+
+    def __getitem__(self, step: int):
+        files, offs = self.starts(step)
+        rows = np.stack([np.asarray(self.arrays[f][o : o + self.T + 1], dtype=np.int64) for f, o in zip(files, offs)])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def fixed_windows(arrays: list[np.ndarray], block_size: int, n: int) -> list[np.ndarray]:
+    """`n` windows evenly spaced over a split (deterministic; windows never cross files)."""
+    arrays = [a for a in arrays if len(a) >= 2]
+    if not arrays or n <= 0:
+        return []
+    T = min(block_size, max(len(a) for a in arrays) - 1)
+    usable = [a for a in arrays if len(a) > T]
+    counts = np.array([len(a) - T for a in usable], dtype=np.int64)
+    cum = np.cumsum(counts)
+    g = np.unique(np.linspace(0, cum[-1] - 1, num=min(n, int(cum[-1]))).round().astype(np.int64))
+    f = np.searchsorted(cum, g, side="right")
+    offs = g - (cum[f] - counts[f])
+    return [np.asarray(usable[i][o : o + T + 1], dtype=np.int64) for i, o in zip(f, offs)]
+
+
+class FixedBatches(Dataset):
+    """Pre-built (x, y) batches; this rank's share is every world-th batch."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int = 0, world: int = 1) -> None:
+        self.batches = batches[rank::world] if len(batches) >= world else batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def windows_to_batches(windows: list[np.ndarray], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for i in range(0, len(windows), batch_size):
+        t = torch.from_numpy(np.stack(windows[i : i + batch_size]))
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+    return out
+
+
+def _world(trainer) -> tuple[int, int]:
+    if trainer is None:
+        return 0, 1
+    return int(trainer.global_rank), int(trainer.world_size)
+
+
+class _StepDataModule(L.LightningDataModule):
+    """Shared plumbing: step-indexed train loader, fixed validation batches."""
+
+    max_steps: int
+
+    def _train_dataset(self, rank: int, world: int) -> Dataset:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _val_batches(self) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _current_step(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_step) if trainer is not None else 0
+
+    def train_dataloader(self):
+        rank, world = _world(getattr(self, "trainer", None))
+        return DataLoader(
+            self._train_dataset(rank, world), batch_size=None, sampler=StepSampler(self._current_step, self.max_steps)
+        )
+
+    def val_dataloader(self):
+        rank, world = _world(getattr(self, "trainer", None))
+        return DataLoader(FixedBatches(self._val_batches(), rank, world), batch_size=None, shuffle=False)
+
+
+class ShardDataModule(_StepDataModule):
+    """Pretraining data: random train windows and fixed val windows over `index.json` shards."""
+
+    def __init__(
+        self, shards_dir: Path, block_size: int, batch_size: int, seed: int, max_steps: int, val_batches: int
+    ) -> None:
+        super().__init__()
+        self.shards_dir = Path(shards_dir)
+        self.index = read_index(self.shards_dir)
+        self.block_size, self.batch_size, self.seed = int(block_size), int(batch_size), int(seed)
+        self.max_steps, self.val_batches = int(max_steps), int(val_batches)
+        self.train = open_split(self.shards_dir, self.index, "train")
+        self.val = open_split(self.shards_dir, self.index, "val")
+        self._val_cache: list | None = None
+
+    def _train_dataset(self, rank: int, world: int) -> Dataset:
+        return WindowBatches(self.train, self.block_size, self.batch_size, self.seed, rank)
+
+    def _val_batches(self) -> list:
+        if self._val_cache is None:
+            wins = fixed_windows(self.val, self.block_size, self.val_batches * self.batch_size)
+            self._val_cache = windows_to_batches(wins, self.batch_size)
+        return self._val_cache
+
+    def has_val(self) -> bool:
+        return self.val_batches > 0 and bool(self._val_batches())
+
+
+class RowsDataModule(_StepDataModule):
+    """Fine-tuning data: pre-packed (x, y) rows; step `s` takes the next batch of a seeded
+    per-epoch permutation, so every row is seen once per epoch and resuming is exact."""
+
+    def __init__(self, train_rows: list, val_rows: list, batch_size: int, seed: int, max_steps: int, val_batches: int, pad_id: int):
+        super().__init__()
+        self.train_rows, self.val_rows = train_rows, val_rows
+        self.batch_size, self.seed, self.max_steps = int(batch_size), int(seed), int(max_steps)
+        self.val_batches, self.pad_id = int(val_batches), int(pad_id)
+
+    def _train_dataset(self, rank: int, world: int) -> Dataset:
+        return RowBatches(self.train_rows, self.batch_size, self.seed, self.pad_id, rank, world)
+
+    def _val_batches(self) -> list:
+        rows = self.val_rows[: self.val_batches * self.batch_size]
+        return [collate(rows[i : i + self.batch_size], self.pad_id) for i in range(0, len(rows), self.batch_size)]
+
+    def has_val(self) -> bool:
+        return self.val_batches > 0 and bool(self.val_rows)
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) rows -> right-padded x, y shifted by one; padding gets label -100."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
+        y[i, :n] = torch.tensor(labels[1:], dtype=torch.long)
+    return x, y
+
+
+class RowBatches(Dataset):
+    """Step `s` on rank `r` takes slots (s*world + r)*B ... +B of a seeded per-epoch permutation."""
+
+    def __init__(self, rows: list, batch_size: int, seed: int, pad_id: int, rank: int = 0, world: int = 1) -> None:
+        if not rows:
+            raise PipelineError("no fine-tuning rows to train on")
+        self.rows, self.B, self.seed, self.pad_id = rows, batch_size, int(seed), pad_id
+        self.rank, self.world = int(rank), int(world)
+        self._perm: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            if len(self._perm) > 1:
+                self._perm.pop(min(self._perm))
+            self._perm[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        return self._perm[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        n = len(self.rows)
+        out = []
+        first = (int(step) * self.world + self.rank) * self.B
+        for k in range(first, first + self.B):
+            out.append(int(self._epoch_perm(k // n)[k % n]))
+        return out
+
+    def __getitem__(self, step: int):
+        return collate([self.rows[i] for i in self.indices(step)], self.pad_id)
+
+
+# ---------------------------------------------------------------- shards
+
+
+def read_index(shards_dir: Path) -> dict:
+    import json
+
+    path = Path(shards_dir) / "index.json"
+    if not path.is_file():
+        raise PipelineError(f"token shards not found at {path}: run `python -m pipeline shard` first")
+    return json.loads(path.read_text())
+
+
+def open_split(shards_dir: Path, index: dict, split: str) -> list[np.ndarray]:
+    """Memory-map every non-empty .bin file of a split (read-only, little-endian)."""
+    dtype = np.dtype(index["dtype"]).newbyteorder("<")
+    out = []
+    for f in index.get("splits", {}).get(split, {}).get("files", []):
+        path = Path(shards_dir) / f["name"]
+        if not path.is_file():
+            raise PipelineError(f"token shard {path} listed in index.json is missing: rerun `python -m pipeline shard`")
+        if os.path.getsize(path) == 0:
+            continue
+        out.append(np.memmap(path, dtype=dtype, mode="r"))
+    return out
