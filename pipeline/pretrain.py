@@ -65,7 +65,8 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     model = build_model(cfg.model, vocab)  # validates the model config before anything is written
     block_size = model.cfg.block_size
     fp = fingerprint(cfg, index)
-    dm = ShardDataModule(shards_dir, block_size, int(pc.batch_size), int(cfg.seed), max_steps, int(pc.val_batches))
+    dm = ShardDataModule(shards_dir, block_size, int(pc.batch_size), int(cfg.seed), max_steps, int(pc.val_batches),
+                         str(pc.get("sampling", "epoch")))
     module = LitGPT(
         model=model.cfg.to_dict(),
         vocab_size=vocab,

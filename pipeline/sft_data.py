@@ -137,7 +137,7 @@ def _doc_summary(doc_lines: list[str], name: str, max_words: int) -> str | None:
     para = _paragraph(lines)
     if not para:
         return None
-    text = " ".join(para)
+    text = re.sub(r"^(--|-|:)\s+", "", " ".join(para))  # "-- returns ..." style docstrings
     if text.endswith(":") and len(text.split()) <= 6:  # a section header, not a sentence
         return None
     ans = first_sentence(text, max_words)

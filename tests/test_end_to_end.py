@@ -1,4 +1,4 @@
-"""The whole default pipeline, scaled down, through `python -m pipeline run` (the Prefect flow)."""
+"""The whole default pipeline through `python -m pipeline run` (the Prefect flow), lighter eval."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import DEFAULT_LIGHT_EVAL, overrides, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
-    proc = run_cli("run", *tiny_overrides(root), timeout=900)
+    proc = run_cli("run", *overrides(root, DEFAULT_LIGHT_EVAL), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
 
@@ -56,9 +56,8 @@ def test_pretrained_model_beats_the_ngram_baseline(built):
 def test_data_artifacts_are_byte_identical_on_rerun(built, tmp_path):
     from pipeline.artifacts import hash_tree
 
-    overrides = [o for o in tiny_overrides(tmp_path)]
     for stage in ("ingest", "clean", "tokenizer", "shard"):
-        proc = run_cli(stage, *overrides)
+        proc = run_cli(stage, *overrides(tmp_path, DEFAULT_LIGHT_EVAL))
         assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ("data/raw", "data/clean", "data/tokenizer", "data/shards"):
         assert hash_tree(tmp_path / rel) == hash_tree(built / rel), rel

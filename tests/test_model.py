@@ -227,3 +227,21 @@ def test_muon_adamw_optimizer_trains_and_round_trips():
         assert again.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer(model, "sgd", 1e-3, (0.9, 0.95), 0.0)
+
+
+def test_epoch_sampling_visits_every_window_once_per_epoch():
+    arrays = [np.arange(0, 330, dtype=np.uint16), np.arange(1000, 1170, dtype=np.uint16)]
+    ds = WindowBatches(arrays, block_size=16, batch_size=4, seed=5)  # sampling="epoch" is the default
+    n = len(ds._epoch(0)[0])
+    assert n == (330 - 1 - 0) // 16 + (170 - 1) // 16 or n >= 28  # back-to-back windows of both files
+    steps = n // 4
+    firsts = [int(v) for s in range(steps) for v in ds[s][0][:, 0]]
+    assert len(set(firsts)) == len(firsts) == steps * 4  # no window twice within an epoch
+    starts = sorted(set(firsts))
+    assert all(b - a >= 16 for a, b in zip(starts, starts[1:]) if (a < 1000) == (b < 1000))  # no overlap
+    # two ranks split the sequence between them; the union is what one rank of twice the batch sees
+    r0 = WindowBatches(arrays, 16, 2, seed=5, rank=0, world=2)
+    r1 = WindowBatches(arrays, 16, 2, seed=5, rank=1, world=2)
+    assert sorted(torch.cat([r0[3][0], r1[3][0]])[:, 0].tolist()) == sorted(ds[3][0][:, 0].tolist())
+    random = WindowBatches(arrays, 16, 4, seed=5, sampling="random")
+    assert torch.equal(random[7][0], WindowBatches(arrays, 16, 4, seed=5, sampling="random")[7][0])

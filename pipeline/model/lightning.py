@@ -140,11 +140,22 @@ class StepSampler(Sampler[int]):
 
 
 class WindowBatches(Dataset):
-    """`batches[step]` -> (x, y): random windows of block_size+1 tokens from memory-mapped arrays."""
+    """`batches[step]` -> (x, y): windows of block_size+1 tokens from memory-mapped arrays.
 
-    def __init__(self, arrays: list[np.ndarray], block_size: int, batch_size: int, seed: int, rank: int = 0) -> None:
+    `sampling="epoch"`: every epoch cuts the split into back-to-back windows at a random
+    offset and visits them in a seeded random order, so each token is trained on once per
+    epoch; step s on rank r takes windows (s*world + r)*B ... +B of that sequence.
+    `sampling="random"`: B window starts drawn uniformly, from a generator seeded with
+    (seed, rank, step). Either way a batch depends only on (seed, step, rank, world).
+    """
+
+    def __init__(self, arrays: list[np.ndarray], block_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, sampling: str = "epoch") -> None:
         self.arrays = [a for a in arrays if len(a) > block_size]
-        self.T, self.B, self.seed, self.rank = block_size, batch_size, int(seed), int(rank)
+        self.T, self.B, self.seed, self.rank, self.world = block_size, batch_size, int(seed), int(rank), int(world)
+        if sampling not in ("epoch", "random"):
+            raise PipelineError(f"unknown sampling {sampling!r}; expected epoch or random")
+        self.sampling = sampling
         self.counts = np.array([len(a) - block_size for a in self.arrays], dtype=np.int64)
         self.cum = np.cumsum(self.counts)
         if not len(self.arrays):
@@ -153,15 +164,42 @@ class WindowBatches(Dataset):
                 f"the train split has {total} tokens, fewer than block_size+1={block_size + 1}: "
                 "add data or lower model.block_size"
             )
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:  # steps are unbounded; the sampler decides
         return 2**62
 
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        if e not in self._epochs:
+            if len(self._epochs) > 1:
+                self._epochs.pop(min(self._epochs))
+            rng = np.random.default_rng([self.seed, e])
+            off = int(rng.integers(0, self.T))
+            files, starts = [], []
+            for f, a in enumerate(self.arrays):
+                o = off if len(a) - off > self.T else 0
+                s = np.arange(o, len(a) - self.T, self.T, dtype=np.int64)
+                files.append(np.full(len(s), f, dtype=np.int64))
+                starts.append(s)
+            files_a, starts_a = np.concatenate(files), np.concatenate(starts)
+            perm = rng.permutation(len(starts_a))
+            self._epochs[e] = (files_a[perm], starts_a[perm])
+        return self._epochs[e]
+
     def starts(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.rank, int(step)])
-        g = rng.integers(0, int(self.cum[-1]), size=self.B)
-        f = np.searchsorted(self.cum, g, side="right")
-        return f, g - (self.cum[f] - self.counts[f])
+        if self.sampling == "random":
+            rng = np.random.default_rng([self.seed, self.rank, int(step)])
+            g = rng.integers(0, int(self.cum[-1]), size=self.B)
+            f = np.searchsorted(self.cum, g, side="right")
+            return f, g - (self.cum[f] - self.counts[f])
+        n = len(self._epoch(0)[0])
+        first = (int(step) * self.world + self.rank) * self.B
+        fs, os_ = [], []
+        for k in range(first, first + self.B):
+            files, starts = self._epoch(k // n)
+            fs.append(files[k % n])
+            os_.append(starts[k % n])
+        return np.array(fs), np.array(os_)
 
     def __getitem__(self, step: int):
         files, offs = self.starts(step)
@@ -242,19 +280,20 @@ class ShardDataModule(_StepDataModule):
     """Pretraining data: random train windows and fixed val windows over `index.json` shards."""
 
     def __init__(
-        self, shards_dir: Path, block_size: int, batch_size: int, seed: int, max_steps: int, val_batches: int
+        self, shards_dir: Path, block_size: int, batch_size: int, seed: int, max_steps: int, val_batches: int,
+        sampling: str = "epoch",
     ) -> None:
         super().__init__()
         self.shards_dir = Path(shards_dir)
         self.index = read_index(self.shards_dir)
         self.block_size, self.batch_size, self.seed = int(block_size), int(batch_size), int(seed)
-        self.max_steps, self.val_batches = int(max_steps), int(val_batches)
+        self.max_steps, self.val_batches, self.sampling = int(max_steps), int(val_batches), sampling
         self.train = open_split(self.shards_dir, self.index, "train")
         self.val = open_split(self.shards_dir, self.index, "val")
         self._val_cache: list | None = None
 
     def _train_dataset(self, rank: int, world: int) -> Dataset:
-        return WindowBatches(self.train, self.block_size, self.batch_size, self.seed, rank)
+        return WindowBatches(self.train, self.block_size, self.batch_size, self.seed, rank, world, self.sampling)
 
     def _val_batches(self) -> list:
         if self._val_cache is None:
