@@ -339,3 +339,16 @@ def test_cli_reports_missing_input_on_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and err.startswith("error: input path not found:")
+
+
+def test_pydoc_pages_do_not_carry_the_callers_environment(tmp_path, monkeypatch):
+    """cgi.FieldStorage's default is os.environ: the server must not see ours."""
+    monkeypatch.setenv("PIPELINE_SECRET_TOKEN", "hunter2-do-not-leak")
+    from pipeline.ingest.pydoc_site import pydoc_server
+
+    import urllib.request
+
+    with pydoc_server() as base:
+        html = urllib.request.urlopen(f"{base}/cgi.html", timeout=60).read().decode()
+    assert "FieldStorage" in html
+    assert "hunter2-do-not-leak" not in html and "PIPELINE_SECRET_TOKEN" not in html

@@ -30,7 +30,10 @@ CANONICAL_PREFIX = "pydoc://"
 @contextlib.contextmanager
 def pydoc_server(startup_timeout: float = 30.0, cmd: list[str] | None = None) -> Iterator[str]:
     """Run the pydoc HTTP server for the stdlib only and yield its base URL; always stops it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # A minimal, fixed environment: pages render default arguments, and some default to
+    # os.environ (cgi.FieldStorage), which would put the caller's variables (secrets included)
+    # into the corpus and make it differ between a shell, a DVC stage and a Prefect task.
+    env = {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/nonexistent", "TZ": "UTC"}
     # A fixed hash seed keeps set reprs in rendered pages stable. pydoc adds its cwd to
     # sys.path unless it is already there: running from the stdlib directory (already on the
     # path) keeps our checkout out of the index and the page text independent of where we run.
