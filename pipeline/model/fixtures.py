@@ -7,18 +7,14 @@ training stages can be exercised without ingest/clean/tokenizer/shard having run
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import pydoc
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import doc_id
-from pipeline.splits import is_val
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 MODULES = ("json", "textwrap", "shlex", "fnmatch", "glob", "bisect", "heapq", "colorsys", "base64",
@@ -59,40 +55,16 @@ def val_fraction_for(ids: list[str], n_val: int = 3) -> float:
 
 
 def write_tokenizer(tok_dir: Path, texts: list[str], vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """Train the project's own BPE recipe (pipeline.tokenizer.build) on `texts`."""
+    from omegaconf import OmegaConf
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    from pipeline.tokenizer import build
+
+    tok, trainer = build(OmegaConf.create({"vocab_size": vocab_size, "min_frequency": 2, "special_tokens": SPECIALS}))
     tok.train_from_iterator(texts, trainer=trainer)
     tok_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(tok_dir / "tokenizer.json"))
     return tok
-
-
-def write_shards(shards_dir: Path, tok, rows: list[dict], fraction: float, tokenizer_file: Path) -> dict:
-    eot = tok.token_to_id(SPECIALS[0])
-    splits = {"train": [], "val": []}
-    for r in rows:
-        ids = tok.encode(r["text"], add_special_tokens=False).ids + [eot]
-        splits["val" if is_val(r["id"], fraction) else "train"].append((ids, len(r["text"].encode())))
-    index = {"dtype": "uint16", "eot_id": eot, "vocab_size": tok.get_vocab_size(),
-             "tokenizer_sha256": hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest(), "splits": {}}
-    for split, docs in splits.items():
-        (shards_dir / split).mkdir(parents=True, exist_ok=True)
-        arr = np.array([t for ids, _ in docs for t in ids], dtype="<u2")
-        path = shards_dir / split / "00000.bin"
-        arr.tofile(path)
-        index["splits"][split] = {
-            "files": [{"name": f"{split}/00000.bin", "tokens": int(arr.size),
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}],
-            "tokens": int(arr.size), "docs": len(docs), "bytes": sum(b for _, b in docs),
-        }
-    (shards_dir / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    return index
 
 
 def make_project(root: Path, modules=MODULES, vocab_size: int = 512, n_val: int = 3) -> list[str]:
@@ -100,7 +72,9 @@ def make_project(root: Path, modules=MODULES, vocab_size: int = 512, n_val: int 
     root = Path(root)
     rows = write_clean(root / "data" / "clean", modules)
     fraction = val_fraction_for([r["id"] for r in rows], n_val)
-    train_texts = [r["text"] for r in rows if not is_val(r["id"], fraction)]
-    tok = write_tokenizer(root / "data" / "tokenizer", train_texts, vocab_size)
-    write_shards(root / "data" / "shards", tok, rows, fraction, root / "data" / "tokenizer" / "tokenizer.json")
+    from pipeline import config, shard, tokenizer
+
+    cfg = config.load([f"paths.root={root}", f"shard.val_fraction={fraction}", f"tokenizer.vocab_size={vocab_size}"])
+    tokenizer.run(cfg)  # the real stages, so fixtures cannot drift from the data contracts
+    shard.run(cfg)
     return [f"paths.root={root}", f"shard.val_fraction={fraction}", *MICRO]
