@@ -63,6 +63,7 @@ def quiet_lightning() -> None:
         ".*You called `self.log\\(.*",
         ".*LeafSpec.*",
         ".*your dataloader is not resumable.*",  # it is: batches are indexed by global_step
+        ".*The dirpath has changed from.*",  # resuming from another (temp) run directory
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
