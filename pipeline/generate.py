@@ -105,12 +105,12 @@ def run_dir_for(cfg, which: str = "latest") -> Path:
 
 
 def load_run_tokenizer(run_dir: Path, meta: dict, cfg=None):
-    from tokenizers import Tokenizer
+    from pipeline.tokenizer import load
 
     for cand in (meta.get("tokenizer"), Path(run_dir) / "tokenizer.json",
                  Path(cfg.paths.tokenizer) / "tokenizer.json" if cfg is not None else None):
         if cand and Path(cand).is_file():
-            return Tokenizer.from_file(str(cand))
+            return load(cand)
     raise PipelineError(f"no tokenizer.json for the model at {run_dir}: run `python -m pipeline tokenizer` first")
 
 

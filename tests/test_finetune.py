@@ -15,7 +15,7 @@ from pipeline.config import load
 from pipeline.errors import PipelineError
 from pipeline.generate import generate_from_run
 from pipeline.model import load_trained
-from pipeline.model.fixtures import make_project, write_tokenizer
+from fixtures import make_project, write_tokenizer
 from pipeline.model.lightning import RowBatches, collate
 from pipeline.splits import is_val
 

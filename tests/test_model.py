@@ -149,7 +149,7 @@ def test_collate_shifts_labels_and_masks_padding():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from pipeline.model.fixtures import pydoc_text, write_tokenizer
+    from fixtures import pydoc_text, write_tokenizer
 
     import tempfile
     from pathlib import Path

@@ -17,7 +17,7 @@ from pipeline.config import load
 from pipeline.errors import PipelineError
 from pipeline.generate import generate_from_run
 from pipeline.model import load_trained
-from pipeline.model.fixtures import make_project
+from fixtures import make_project
 from pipeline.model.lightning import ShardDataModule
 
 
@@ -149,7 +149,7 @@ def test_missing_inputs_name_the_command_to_run(tmp_path):
     with pytest.raises(PipelineError, match=r"shards.*python -m pipeline shard"):
         pretrain.run(cfg)
     (tmp_path / "data" / "shards").mkdir(parents=True)
-    (tmp_path / "data" / "shards" / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": {}}))
+    (tmp_path / "data" / "shards" / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": {"train": {"files": []}, "val": {"files": []}}}))
     with pytest.raises(PipelineError, match=r"tokenizer.*python -m pipeline tokenizer"):
         pretrain.run(cfg)
     with pytest.raises(PipelineError, match=r"python -m pipeline pretrain"):

@@ -10,7 +10,6 @@ and Lightning's own distributed sampler is turned off (`use_distributed_sampler=
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.errors import PipelineError
 from pipeline.model.gpt import GPT, GPTConfig
 from pipeline.model.optim import build_optimizer
+from pipeline.shard import open_split, read_index
 
 IGNORE = -100
 
@@ -288,8 +288,8 @@ class ShardDataModule(_StepDataModule):
         self.index = read_index(self.shards_dir)
         self.block_size, self.batch_size, self.seed = int(block_size), int(batch_size), int(seed)
         self.max_steps, self.val_batches, self.sampling = int(max_steps), int(val_batches), sampling
-        self.train = open_split(self.shards_dir, self.index, "train")
-        self.val = open_split(self.shards_dir, self.index, "val")
+        self.train = open_split(self.shards_dir, "train", self.index)
+        self.val = open_split(self.shards_dir, "val", self.index)
         self._val_cache: list | None = None
 
     def _train_dataset(self, rank: int, world: int) -> Dataset:
@@ -370,27 +370,3 @@ class RowBatches(Dataset):
         return collate([self.rows[i] for i in self.indices(step)], self.pad_id)
 
 
-# ---------------------------------------------------------------- shards
-
-
-def read_index(shards_dir: Path) -> dict:
-    import json
-
-    path = Path(shards_dir) / "index.json"
-    if not path.is_file():
-        raise PipelineError(f"token shards not found at {path}: run `python -m pipeline shard` first")
-    return json.loads(path.read_text())
-
-
-def open_split(shards_dir: Path, index: dict, split: str) -> list[np.ndarray]:
-    """Memory-map every non-empty .bin file of a split (read-only, little-endian)."""
-    dtype = np.dtype(index["dtype"]).newbyteorder("<")
-    out = []
-    for f in index.get("splits", {}).get(split, {}).get("files", []):
-        path = Path(shards_dir) / f["name"]
-        if not path.is_file():
-            raise PipelineError(f"token shard {path} listed in index.json is missing: rerun `python -m pipeline shard`")
-        if os.path.getsize(path) == 0:
-            continue
-        out.append(np.memmap(path, dtype=dtype, mode="r"))
-    return out
