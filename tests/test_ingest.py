@@ -251,7 +251,7 @@ def corpus(tmp_path):
         + json.dumps({"text": "fifth line doc"}) + "\n"
     )  # fmt: skip
     pq.write_table(pa.table({"text": ["row zero", None, "row two"], "n": [0, 1, 2]}), d / "e.parquet")
-    (d / "f.txt").write_bytes(b"bad \xff\xfe utf8 but the rest is fine")
+    (d / "f.txt").write_bytes(b"bad \xff\xfe utf8 in caf\xc3\xa9 but the rest is fine")
     (d / "g.bin").write_bytes(b"\x00\x01")
     (d / "h.parquet").write_bytes(b"PAR1 this is not really parquet")
     pq.write_table(pa.table({"body": ["wrong column"]}), d / "i.parquet")
@@ -288,19 +288,26 @@ def test_files_source_reads_every_format(tmp_path, corpus):
     for r in rows:
         assert r["source"] == "files" and r["http_status"] is None
         assert (r["html"] is None) != (r["text"] is None)
-    assert summary["problems"] == {
-        "bad_json": 1,
-        "invalid_utf8": 1,
-        "missing_field": 3,  # jsonl line 3, e.parquet row 1 (null), i.parquet (no such column)
+    assert summary["statuses"] == {
+        "read": 8,
+        "error_bad_json": 1,
+        "skipped_missing_field": 3,  # jsonl line 3, e.parquet row 1 (null), i.parquet (no such column)
         "skipped_extension": 1,
-        "unreadable": 1,
+        "error_unreadable": 1,
     }
+    assert summary["accounting"]["files"]["read"] == {"docs": 8, "bytes": sum(
+        len((r["html"] or r["text"]).encode()) for r in rows)}
+    assert summary["repairs"] == {"invalid_utf8_replaced": 1}
+    assert summary["repair_examples"][0].startswith(f"{d}/f.txt: invalid utf-8 bytes replaced")
     examples = summary["problem_examples"]
-    assert examples["bad_json"] == [f"{d}/d.jsonl:2: Expecting property name enclosed in double quotes (column 2)"]
-    assert examples["invalid_utf8"][0].startswith(f"{d}/f.txt: invalid UTF-8")
-    assert f"{d}/e.parquet#row1" in examples["missing_field"][1]
-    assert examples["unreadable"][0].startswith(f"{d}/h.parquet: not a readable Parquet file")
-    assert examples["missing_field"][2] == f"{d}/i.parquet: no 'text' column (has ['body'])"
+    assert examples["error_bad_json"] == [f"{d}/d.jsonl:2: Expecting property name enclosed in double quotes (column 2)"]
+    assert f"{d}/e.parquet#row1" in examples["skipped_missing_field"][1]
+    assert examples["error_unreadable"][0].startswith(f"{d}/h.parquet: not a readable Parquet file")
+    assert examples["skipped_missing_field"][2] == f"{d}/i.parquet: no 'text' column (has ['body'])"
+    for r in rows:
+        assert r["source_file"] == r["url"].split("#")[0]
+    assert by_url[f"{d}/d.jsonl#L5"]["source_offset"] == sum(
+        len(line) + 1 for line in (corpus / "d.jsonl").read_bytes().split(b"\n")[:4])
     assert summary["docs_out"] == 8 and summary["files_found"] == 9 and summary["files_read"] == 6
     assert read_json(tmp_path / "out" / "data" / "raw" / "_summary.json")["docs_out"] == 8
 
@@ -308,8 +315,9 @@ def test_files_source_reads_every_format(tmp_path, corpus):
 def test_files_source_globs_size_cap_and_determinism(tmp_path, corpus):
     s1 = ingest.run(files_cfg(tmp_path / "r1", [corpus / "*.txt"], "source.max_file_bytes=25"))
     rows = rows_of(tmp_path / "r1")
-    assert [r["url"] for r in rows] == [f"{corpus}/a.txt"]  # f.txt (33 bytes) is over the cap
-    assert s1["problems"] == {"skipped_too_large": 1}
+    assert [r["url"] for r in rows] == [f"{corpus}/a.txt"]  # f.txt (41 bytes) is over the cap
+    assert s1["statuses"] == {"read": 1, "skipped_too_large": 1}
+    assert s1["problem_examples"]["skipped_too_large"] == [f"{corpus}/f.txt: 41 bytes > max_file_bytes 25"]
     ingest.run(files_cfg(tmp_path / "r2", [corpus / "*.txt"], "source.max_file_bytes=25"))
     a, b = (parquet_files(tmp_path / r / "data" / "raw") for r in ("r1", "r2"))
     assert [f.read_bytes() for f in a] == [f.read_bytes() for f in b]

@@ -1,47 +1,105 @@
-"""Ingest: fetch documents from the configured source into ``data/raw/`` Parquet shards.
+"""Ingest: read the configured source into ``data/raw/`` Parquet shards.
 
-Every source yields rows of :data:`RAW_SCHEMA`; this module only picks the source, writes
-the shards atomically and records what happened in ``_summary.json``.
+Every source (``pydoc_site``, ``crawl``, ``warc``, ``files``, ``hf``) is a generator
+``documents(source_cfg, ctx)`` of rows of :data:`RAW_SCHEMA`; this module only picks the
+source, writes size-bounded shards atomically and records in ``_summary.json`` how many
+documents and bytes ended in each status (fetched, not modified, robots-disallowed,
+error by kind, skipped by reason). Rows carry their provenance (input file and byte
+offset, WARC record id and type, HTTP status, content type) but never fetch times, so
+identical content gives identical shards.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.artifacts import ShardWriter, Timer, atomic_dir, write_summary
 from pipeline.errors import PipelineError
 
+log = logging.getLogger("pipeline.ingest")
+
 RAW_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
-        pa.field("url", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),  # the WARC target URI for warc, a path#locator for files
         pa.field("source", pa.string(), nullable=False),
         pa.field("content_type", pa.string(), nullable=False),
         pa.field("http_status", pa.int32()),
         pa.field("html", pa.string()),
         pa.field("text", pa.string()),
+        # provenance
+        pa.field("source_file", pa.string()),  # input file (warc, files) or dataset (hf)
+        pa.field("source_offset", pa.int64()),  # byte offset of the WARC record / JSONL line
+        pa.field("warc_record_id", pa.string()),
+        pa.field("warc_type", pa.string()),  # response | resource | conversion
     ]
 )
 
+MAX_EXAMPLES = 50  # problem messages kept per status in the summary
+
+
+class IngestContext:
+    """What a source reports besides its rows: per-status counts and bytes, problems, extras."""
+
+    def __init__(self, kind: str, root: Path) -> None:
+        self.kind = kind
+        self.root = Path(root)
+        self.docs: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.extra: dict = {}  # more summary fields
+        self.on_commit: list[Callable[[], None]] = []  # run once the output is in place
+
+    def count(self, status: str, nbytes: int = 0, n: int = 1) -> None:
+        self.docs[status] += n
+        if nbytes:
+            self.bytes[status] += nbytes
+
+    def problem(self, status: str, message: str, nbytes: int = 0) -> None:
+        """Count a problem and keep its message (naming the file and offset) for the summary."""
+        self.count(status, nbytes)
+        examples = self.examples.setdefault(status, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(message)
+        log.warning("ingest: %s: %s", status, message)
+
+    def accounting(self) -> dict:
+        return {
+            s: {"docs": self.docs[s], "bytes": self.bytes.get(s, 0)} for s in sorted(set(self.docs) | set(self.bytes))
+        }
+
 
 def _sources() -> dict[str, Callable[..., Iterator[dict]]]:
-    from pipeline.ingest import files, pydoc_site
+    from pipeline.ingest import crawl, files, hf, pydoc_site, warc
 
-    return {"pydoc_site": pydoc_site.documents, "files": files.documents}
+    return {
+        "pydoc_site": pydoc_site.documents,
+        "crawl": crawl.documents,
+        "warc": warc.documents,
+        "files": files.documents,
+        "hf": hf.documents,
+    }
 
 
-def _empty_message(kind: str, stats: dict) -> str:
-    if kind == "files":
-        problems = ", ".join(f"{k}={v}" for k, v in stats.get("problems", {}).items()) or "none"
+def _empty_message(kind: str, ctx: IngestContext) -> str:
+    statuses = ", ".join(f"{k}={v}" for k, v in sorted(ctx.docs.items())) or "none"
+    if "input_paths" in ctx.extra:
         return (
-            f"no documents found in {', '.join(stats.get('input_paths', []))} "
-            f"({stats.get('files_found', 0)} files, problems: {problems})"
+            f"no documents found in {', '.join(ctx.extra['input_paths'])} "
+            f"({ctx.extra.get('files_found', 0)} files, statuses: {statuses})"
         )
-    statuses = ", ".join(f"{k}={v}" for k, v in stats.get("statuses", {}).items()) or "none"
     return f"{kind} produced no documents (statuses: {statuses})"
+
+
+def content_bytes(row: dict) -> int:
+    content = row["html"] if row.get("html") is not None else row.get("text")
+    return len(content.encode("utf-8", "surrogatepass")) if content else 0
 
 
 def run(cfg) -> dict:
@@ -51,16 +109,28 @@ def run(cfg) -> dict:
     sources = _sources()
     if kind not in sources:
         raise PipelineError(f"source kind {kind!r} is not implemented by ingest (available: {', '.join(sources)})")
-    stats: dict = {}
+    ctx = IngestContext(kind, Path(cfg.paths.root))
+    max_shard_bytes = int(cfg.source.get("max_shard_bytes", 0) or 0)
     with atomic_dir(Path(cfg.paths.raw)) as tmp:
         writer = ShardWriter(tmp, RAW_SCHEMA, int(cfg.source.rows_per_shard))
         bytes_out = 0
-        for row in sources[kind](cfg.source, stats):
-            bytes_out += len((row["html"] if row["html"] is not None else row["text"]).encode("utf-8", "replace"))
+        buffered = 0
+        for row in sources[kind](cfg.source, ctx):
+            n = content_bytes(row)
+            bytes_out += n
+            if max_shard_bytes and writer.buffer and buffered + n > max_shard_bytes:
+                writer.flush()  # size-bounded shards: a shard never holds more than max_shard_bytes of content
+                buffered = 0
             writer.write(row)
+            buffered = 0 if not writer.buffer else buffered + n
         shards = writer.close()
+        unchanged = ctx.docs.get("not_modified", 0) + ctx.docs.get("unchanged", 0)
         if writer.rows == 0:
-            raise PipelineError(_empty_message(kind, stats))
+            if not unchanged:
+                raise PipelineError(_empty_message(kind, ctx))
+            # an incremental crawl of an unchanged site: an empty, valid output
+            pq.write_table(RAW_SCHEMA.empty_table(), tmp / "part-00000.parquet", compression="zstd")
+            shards = [{"name": "part-00000.parquet", "rows": 0}]
         summary = write_summary(
             tmp,
             "ingest",
@@ -71,6 +141,11 @@ def run(cfg) -> dict:
             docs_out=writer.rows,
             bytes_out=bytes_out,
             shards=shards,
-            **stats,
+            statuses=dict(sorted(ctx.docs.items())),
+            accounting={kind: ctx.accounting()},
+            problem_examples=dict(sorted(ctx.examples.items())),
+            **ctx.extra,
         )
+    for hook in ctx.on_commit:
+        hook()
     return summary

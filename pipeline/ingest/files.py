@@ -1,16 +1,20 @@
-"""Local files as a source: text, Markdown, HTML, JSON Lines and Parquet, in sorted order.
+"""Local files as a source: txt, md, html, json, jsonl, parquet and csv, in sorted order.
 
-A bad file or line never stops the batch: it is logged with its file (and line), counted
-under a reason in ``stats``, and the rest is read.
+A bad file or line never stops the batch: it is logged with its file (and line or row),
+counted under a status, and the rest is read. Text is decoded by
+:func:`pipeline.ingest.decode.decode_bytes`: declared or detected encodings are used, and
+invalid UTF-8 is replaced and counted.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import json
-import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +23,18 @@ import pyarrow.parquet as pq
 
 from pipeline.artifacts import doc_id
 from pipeline.errors import PipelineError
-
-log = logging.getLogger("pipeline.ingest")
+from pipeline.ingest.decode import decode_bytes
 
 CONTENT_TYPES = {
     ".txt": "text/plain",
     ".md": "text/markdown",
     ".html": "text/html",
     ".htm": "text/html",
+    ".json": "text/plain",
     ".jsonl": "text/plain",
     ".parquet": "text/plain",
+    ".csv": "text/plain",
 }
-MAX_EXAMPLES = 50  # problem messages kept per reason in the summary
 
 
 def _has_magic(p: str) -> bool:
@@ -69,35 +73,33 @@ def resolve_files(paths: list[str]) -> list[Path]:
 
 
 class _FileProblem(Exception):
-    """A whole file cannot be used; ``reason`` is the summary counter it goes under."""
+    """A whole file cannot be used; ``status`` is the summary counter it goes under."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.status = status
 
 
 class FilesReader:
-    """Turns files into raw rows and keeps per-reason counts and example messages."""
+    """Turns files into raw rows; problems and repairs go to the ingest context."""
 
-    def __init__(self, text_field: str, extensions: list[str], max_file_bytes: int) -> None:
+    def __init__(self, ctx, text_field: str, extensions: list[str], max_file_bytes: int, encoding: str = "auto") -> None:
+        self.ctx = ctx
         self.text_field = text_field
         self.extensions = {e.lower() for e in extensions}
         self.max_file_bytes = int(max_file_bytes)
-        self.counts: Counter[str] = Counter()
-        self.problems: dict[str, list[str]] = {}
+        self.encoding = None if encoding in (None, "", "auto") else encoding
         self.bytes_read = 0
         self.files_read = 0
         self.input_hash = hashlib.sha256()
+        self.repairs: Counter[str] = Counter()
+        self.repair_examples: list[str] = []
+        self.encodings: Counter[str] = Counter()
 
-    def problem(self, reason: str, message: str) -> None:
-        self.counts[reason] += 1
-        examples = self.problems.setdefault(reason, [])
-        if len(examples) < MAX_EXAMPLES:
-            examples.append(message)
-        log.warning("ingest: %s: %s", reason, message)
-
-    def row(self, url: str, content_type: str, text: str | None = None, html: str | None = None) -> dict:
+    def row(self, url: str, content_type: str, name: str, text: str | None = None, html: str | None = None,
+            offset: int | None = None) -> dict:
         content = html if html is not None else text
+        self.ctx.count("read", len(content.encode("utf-8", "surrogatepass")))
         return {
             "id": doc_id(content),
             "url": url,
@@ -106,28 +108,33 @@ class FilesReader:
             "http_status": None,
             "html": html,
             "text": text,
+            "source_file": name,
+            "source_offset": offset,
         }
 
-    def decode(self, data: bytes, where: str) -> str:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            self.problem("invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}, decoded with U+FFFD replacements")
-            return data.decode("utf-8", errors="replace")
+    def decode(self, data: bytes, where: str, html: bool = False) -> str:
+        text, enc, replaced = decode_bytes(data, self.encoding, html=html)
+        if replaced:
+            self.repairs["invalid_utf8_replaced"] += 1
+            if len(self.repair_examples) < 50:
+                self.repair_examples.append(f"{where}: invalid {enc} bytes replaced with U+FFFD")
+        elif enc not in ("utf-8", "ascii"):
+            self.encodings[enc] += 1
+        return text
 
     def read(self, path: Path) -> Iterator[dict]:
         ext = path.suffix.lower()
         name = str(path)
         if ext not in self.extensions or ext not in CONTENT_TYPES:
-            self.counts["skipped_extension"] += 1
+            self.ctx.count("skipped_extension")
             return
         try:
             size = path.stat().st_size
         except OSError as e:
-            self.problem("unreadable", f"{name}: {e.strerror or e}")
+            self.ctx.problem("error_unreadable", f"{name}: {e.strerror or e}")
             return
         if size > self.max_file_bytes:
-            self.problem("skipped_too_large", f"{name}: {size} bytes > max_file_bytes {self.max_file_bytes}")
+            self.ctx.problem("skipped_too_large", f"{name}: {size} bytes > max_file_bytes {self.max_file_bytes}", size)
             return
         self.input_hash.update(name.encode() + b"\0")
         try:
@@ -139,33 +146,39 @@ class FilesReader:
                 data = path.read_bytes()
                 self.input_hash.update(data)
                 self.bytes_read += len(data)
-                text = self.decode(data, name)
-                if CONTENT_TYPES[ext] == "text/html":
-                    yield self.row(name, "text/html", html=text)
+                if ext == ".json":
+                    yield from self._json(data, name)
+                elif ext == ".csv":
+                    yield from self._csv(data, name)
+                elif CONTENT_TYPES[ext] == "text/html":
+                    yield self.row(name, "text/html", name, html=self.decode(data, name, html=True))
                 else:
-                    yield self.row(name, CONTENT_TYPES[ext], text=text)
+                    yield self.row(name, CONTENT_TYPES[ext], name, text=self.decode(data, name))
         except OSError as e:
-            self.problem("unreadable", f"{name}: {e.strerror or e}")
+            self.ctx.problem("error_unreadable", f"{name}: {e.strerror or e}")
             return
         except _FileProblem as e:
-            self.problem(e.reason, str(e))
+            self.ctx.problem(e.status, str(e))
             return
         self.files_read += 1
 
     def _field(self, record, where: str) -> str | None:
-        if not isinstance(record, dict) or self.text_field not in record or record[self.text_field] is None:
-            self.problem("missing_field", f"{where}: no {self.text_field!r} field")
+        if not isinstance(record, dict) or record.get(self.text_field) is None:
+            self.ctx.problem("skipped_missing_field", f"{where}: no {self.text_field!r} field")
             return None
         value = record[self.text_field]
         if not isinstance(value, str):
-            self.problem("bad_field_type", f"{where}: {self.text_field!r} is {type(value).__name__}, not a string")
+            kind = type(value).__name__
+            self.ctx.problem("skipped_bad_field_type", f"{where}: {self.text_field!r} is {kind}, not a string")
             return None
         return value
 
     def _jsonl(self, path: Path) -> Iterator[dict]:
         name = str(path)
+        offset = 0
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
                 self.input_hash.update(raw)
                 self.bytes_read += len(raw)
                 where = f"{name}:{lineno}"
@@ -175,19 +188,52 @@ class FilesReader:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    self.problem("bad_json", f"{where}: {e.msg} (column {e.colno})")
+                    self.ctx.problem("error_bad_json", f"{where}: {e.msg} (column {e.colno})")
                     continue
                 if (text := self._field(record, where)) is not None:
-                    yield self.row(f"{name}#L{lineno}", "text/plain", text=text)
+                    yield self.row(f"{name}#L{lineno}", "text/plain", name, text=text, offset=start)
+
+    def _json(self, data: bytes, name: str) -> Iterator[dict]:
+        """A JSON object with the text field, or an array of such objects (or of strings)."""
+        try:
+            doc = json.loads(self.decode(data, name))
+        except json.JSONDecodeError as e:
+            raise _FileProblem("error_bad_json", f"{name}:{e.lineno}: {e.msg} (column {e.colno})") from e
+        items = doc if isinstance(doc, list) else [doc]
+        for i, item in enumerate(items):
+            where = f"{name}#{i}" if isinstance(doc, list) else name
+            text = item if isinstance(item, str) else self._field(item, where)
+            if text is not None:
+                yield self.row(where, "text/plain", name, text=text)
+
+    def _csv(self, data: bytes, name: str) -> Iterator[dict]:
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        reader = csv.DictReader(io.StringIO(self.decode(data, name), newline=""))
+        if reader.fieldnames is None or self.text_field not in reader.fieldnames:
+            raise _FileProblem("skipped_missing_field", f"{name}: no {self.text_field!r} column (has {reader.fieldnames})")
+        i = 0
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise _FileProblem("error_bad_csv", f"{name}#row{i}: {e}; the rest of the file is skipped") from e
+            where = f"{name}#row{i}"
+            if (text := self._field(record, where)) is not None and text != "":
+                yield self.row(where, "text/plain", name, text=text)
+            i += 1
 
     def _parquet(self, path: Path) -> Iterator[dict]:
         name = str(path)
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # noqa: BLE001 - arrow raises several types for a corrupt file
-            raise _FileProblem("unreadable", f"{name}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+            raise _FileProblem("error_unreadable", f"{name}: not a readable Parquet file ({type(e).__name__}: {e})") from e
         if self.text_field not in pf.schema_arrow.names:
-            raise _FileProblem("missing_field", f"{name}: no {self.text_field!r} column (has {pf.schema_arrow.names})")
+            raise _FileProblem(
+                "skipped_missing_field", f"{name}: no {self.text_field!r} column (has {pf.schema_arrow.names})"
+            )
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 self.input_hash.update(block)
@@ -200,36 +246,41 @@ class FilesReader:
             except StopIteration:
                 break
             except Exception as e:  # noqa: BLE001 - a corrupt row group: keep the rows already read
-                raise _FileProblem("unreadable", f"{name}#row{row}: unreadable from here on ({e})") from e
+                raise _FileProblem("error_unreadable", f"{name}#row{row}: unreadable from here on ({e})") from e
             for value in batch.column(0).to_pylist():
                 where = f"{name}#row{row}"
                 if value is None:
-                    self.problem("missing_field", f"{where}: {self.text_field!r} is null")
+                    self.ctx.problem("skipped_missing_field", f"{where}: {self.text_field!r} is null")
                 elif not isinstance(value, str):
                     kind = type(value).__name__
-                    self.problem("bad_field_type", f"{where}: {self.text_field!r} is {kind}, not a string")
+                    self.ctx.problem("skipped_bad_field_type", f"{where}: {self.text_field!r} is {kind}, not a string")
                 else:
-                    yield self.row(where, "text/plain", text=value)
+                    yield self.row(where, "text/plain", name, text=value)
                 row += 1
 
 
-def documents(source, stats: dict) -> Iterator[dict]:
-    """Read every configured file in sorted order; counts and problems go into ``stats``."""
+def documents(source, ctx) -> Iterator[dict]:
+    """Read every configured file in sorted order; counts and problems go into ``ctx``."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_missing(source, "paths") or not source.paths:
         raise PipelineError("source=files needs source.paths, e.g. source.paths='[/data/corpus]'")
     paths = input_paths(source.paths)
     files = resolve_files(paths)
-    reader = FilesReader(str(source.text_field), list(source.extensions), int(source.max_file_bytes))
+    reader = FilesReader(
+        ctx, str(source.text_field), list(source.extensions), int(source.max_file_bytes), str(source.get("encoding", "auto"))
+    )
     try:
         for path in files:
             yield from reader.read(path)
     finally:
-        stats["input_paths"] = paths
-        stats["files_found"] = len(files)
-        stats["files_read"] = reader.files_read
-        stats["bytes_read"] = reader.bytes_read
-        stats["input_sha256"] = reader.input_hash.hexdigest()
-        stats["problems"] = dict(sorted(reader.counts.items()))
-        stats["problem_examples"] = dict(sorted(reader.problems.items()))
+        ctx.extra.update(
+            input_paths=paths,
+            files_found=len(files),
+            files_read=reader.files_read,
+            bytes_read=reader.bytes_read,
+            input_sha256=reader.input_hash.hexdigest(),
+            repairs=dict(sorted(reader.repairs.items())),
+            repair_examples=reader.repair_examples,
+            encodings_detected=dict(sorted(reader.encodings.items())),
+        )

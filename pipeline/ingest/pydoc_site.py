@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-from pipeline.artifacts import doc_id
 from pipeline.errors import PipelineError
-from pipeline.ingest.crawler import CrawlConfig, Crawler
+from pipeline.ingest.crawl import run_crawl
+from pipeline.ingest.crawl_state import CrawlState
 
 READY = re.compile(r"Server ready at (http://\S+?)/?\s*$")
 CANONICAL_PREFIX = "pydoc://"
@@ -133,37 +133,21 @@ def canonicalizer(base_url: str):
     return canonical
 
 
-def documents(source, stats: dict) -> Iterator[dict]:
-    """Start the server, crawl it, yield raw rows; crawl statuses and bytes go into ``stats``."""
+def documents(source, ctx) -> Iterator[dict]:
+    """Start the server, crawl it, yield raw rows; statuses and bytes go into ``ctx``.
+
+    The state lives in memory (the server's port changes every run, and the corpus must be
+    the same on every run anyway); responses are still archived to ``source.warc_dir``.
+    """
     with pydoc_server(float(source.get("startup_timeout", 30))) as base_url:
-        config = CrawlConfig(
+        canonical = canonicalizer(base_url)
+        yield from run_crawl(
+            source,
+            ctx,
+            kind="pydoc_site",
             seeds=[base_url + "/"],
-            max_pages=int(source.max_pages),
-            max_depth=int(source.max_depth),
-            max_bytes=int(source.max_bytes),
-            timeout=float(source.timeout),
-            delay=float(source.delay),
-            user_agent=str(source.user_agent),
-            skip_paths=list(source.skip_paths),
-            scrub=list(source.scrub),
-            allow_private=bool(source.get("allow_private", True)),
+            state=CrawlState(None),
+            canonical=canonical,
+            deny=denier(list(source.deny)),
+            note_key=canonical,
         )
-        crawler = Crawler(config, canonical=canonicalizer(base_url), deny=denier(list(source.deny)))
-        started = time.perf_counter()
-        try:
-            for page in crawler.crawl():
-                yield {
-                    "id": doc_id(page.html),
-                    "url": page.canonical,
-                    "source": "pydoc_site",
-                    "content_type": page.content_type,
-                    "http_status": page.status,
-                    "html": page.html,
-                    "text": None,
-                }
-        finally:
-            stats["crawl_seconds"] = round(time.perf_counter() - started, 3)
-            stats["statuses"] = dict(sorted(crawler.stats.items()))
-            stats["pages_fetched"] = crawler.stats.get("fetched", 0)
-            stats["bytes_fetched"] = crawler.bytes
-            stats["robots"] = {canonicalizer(base_url)(k): v for k, v in crawler.robots_note.items()}

@@ -1,0 +1,97 @@
+"""The ``warc`` source: WARC and WET files (plain or gzip, one or a glob of many), streamed.
+
+Response, resource and conversion (WET) records become documents; every other record is
+counted by type. Each row keeps its provenance: file, byte offset, record id, target URI
+(``url``), HTTP status and content type. Damage (a malformed record, a truncated gzip
+member) is counted with its file and offset, and reading resumes at the next record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from omegaconf import OmegaConf
+
+from pipeline.artifacts import doc_id
+from pipeline.errors import PipelineError
+from pipeline.ingest.decode import decode_bytes
+from pipeline.ingest.files import input_paths, resolve_files
+from pipeline.ingest.warc_io import Damage, iter_records
+
+HTML_TYPES = {"text/html", "application/xhtml+xml"}
+DOC_RECORDS = {"response", "resource", "conversion"}
+
+
+def _mime(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
+def _charset(content_type: str) -> str | None:
+    for part in content_type.split(";")[1:]:
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip("\"'") or None
+    return None
+
+
+def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuses: set[int]) -> Iterator[dict]:
+    name = str(path)
+    for rec in iter_records(path, max_record_bytes, DOC_RECORDS):
+        if isinstance(rec, Damage):
+            ctx.problem(f"error_{rec.kind}", rec.message)
+            continue
+        if rec.rec_type not in DOC_RECORDS:
+            ctx.count(f"skipped_{rec.rec_type}")
+            continue
+        where = f"{name}@{rec.offset}"
+        mime = "text/plain" if rec.rec_type == "conversion" and not rec.content_type else _mime(rec.content_type)
+        if rec.payload is None:
+            ctx.problem("skipped_too_large", f"{where}: {rec.length} bytes > max_record_bytes {max_record_bytes}",
+                        rec.length)
+            continue
+        if rec.rec_type == "response" and rec.http_status not in statuses:
+            ctx.count("skipped_http_status", rec.length)
+            continue
+        if mime not in content_types:
+            ctx.count("skipped_content_type", rec.length)
+            continue
+        if not rec.target_uri:
+            ctx.problem("skipped_no_target_uri", f"{where}: {rec.rec_type} record without WARC-Target-URI")
+            continue
+        is_html = mime in HTML_TYPES
+        text, enc, replaced = decode_bytes(rec.payload, _charset(rec.content_type), html=is_html)
+        if replaced:
+            ctx.count("repaired_invalid_utf8", n=1)
+        ctx.count("read", rec.length)
+        yield {
+            "id": doc_id(text),
+            "url": rec.target_uri,
+            "source": "warc",
+            "content_type": rec.content_type or mime,
+            "http_status": rec.http_status,
+            "html": text if is_html else None,
+            "text": None if is_html else text,
+            "source_file": name,
+            "source_offset": rec.offset,
+            "warc_record_id": rec.record_id,
+            "warc_type": rec.rec_type,
+        }
+
+
+def documents(source, ctx) -> Iterator[dict]:
+    if OmegaConf.is_missing(source, "paths") or not source.paths:
+        raise PipelineError("source=warc needs source.paths, e.g. source.paths='[/data/cc/*.warc.gz]'")
+    paths = input_paths(source.paths)
+    files = resolve_files(paths)
+    content_types = {str(c).lower() for c in source.content_types}
+    statuses = {int(s) for s in source.get("http_statuses", [200])}
+    files_read = 0
+    try:
+        for path in files:
+            try:
+                yield from read_file(path, ctx, content_types, int(source.max_record_bytes), statuses)
+                files_read += 1
+            except OSError as e:
+                ctx.problem("error_unreadable", f"{path}: {e.strerror or e}")
+    finally:
+        ctx.extra.update(input_paths=paths, files_found=len(files), files_read=files_read)

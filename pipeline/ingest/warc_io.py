@@ -1,0 +1,194 @@
+"""WARC with warcio: the crawler's archive writer and a fault-tolerant record reader.
+
+Reading resynchronises after damage: a corrupt gzip member or malformed record is reported
+with its file and byte offset, counted, and reading goes on from the next record that
+parses (for .gz files the next gzip member that starts with a WARC header), so one bad
+record never costs the rest of a multi-gigabyte file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+log = logging.getLogger("pipeline.ingest")
+
+# hop-by-hop or re-encoded headers: the stored body is the decoded one, so its length rules
+_DROP_HEADERS = {"transfer-encoding", "content-encoding", "content-length"}
+
+
+class WarcArchive:
+    """Appends response records to ``directory/name`` (gzip, one member per record).
+
+    ``truncate_to`` cuts a file back to the last record the crawl state committed, so a run
+    resumed after SIGKILL continues the same archive without a half-written record.
+    """
+
+    def __init__(self, directory: Path, name: str, truncate_to: int | None = None, info: dict | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.path = self.directory / name
+        if truncate_to is not None and self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(truncate_to)
+        self.f = open(self.path, "ab")
+        self.writer = WARCWriter(self.f, gzip=True)
+        self.records = 0
+        if self.f.tell() == 0:
+            self.writer.write_record(self.writer.create_warcinfo_record(name, info or {"software": "pipeline"}))
+            self.f.flush()
+
+    def write_response(self, url: str, fetch) -> None:
+        body = fetch.body or b""
+        headers = [(k, v) for k, v in fetch.headers if k.lower() not in _DROP_HEADERS]
+        headers.append(("Content-Length", str(len(body))))
+        status = f"{fetch.http_status} {fetch.reason}".strip()
+        http_headers = StatusAndHeaders(status, headers, protocol=fetch.http_version or "HTTP/1.1")
+        record = self.writer.create_warc_record(
+            url, "response", payload=io.BytesIO(body), length=len(body), http_headers=http_headers
+        )
+        self.writer.write_record(record)
+        self.f.flush()  # a killed process loses nothing the state has committed
+        self.records += 1
+
+    def position(self) -> dict:
+        return {"name": self.name, "end": self.f.tell()}
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Record:
+    offset: int
+    rec_type: str
+    record_id: str | None
+    target_uri: str | None
+    http_status: int | None
+    content_type: str  # of the payload: HTTP Content-Type for responses, WARC Content-Type otherwise
+    payload: bytes | None  # None when not read (too large)
+    length: int  # payload length, or the declared block length when not read
+
+
+@dataclass
+class Damage:
+    offset: int
+    kind: str  # "malformed_record" | "truncated"
+    message: str
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _next_record_start(fh, start: int, gz: bool) -> int | None:
+    """Offset of the next plausible record after ``start``: a gzip member (or a line) opening with WARC/."""
+    fh.seek(start)
+    window = 1 << 20
+    pos = start
+    carry = b""
+    while True:
+        block = fh.read(window)
+        if not block:
+            return None
+        data = carry + block
+        base = pos - len(carry)
+        needle = b"\x1f\x8b\x08" if gz else b"\nWARC/1."
+        i = data.find(needle)
+        while i != -1:
+            cand = base + i + (0 if gz else 1)
+            if cand > start:
+                if not gz:
+                    return cand
+                fh.seek(cand)
+                head = fh.read(8192)
+                try:
+                    if zlib.decompressobj(wbits=31).decompress(head)[:6].startswith(b"WARC/"):
+                        return cand
+                except zlib.error:
+                    pass
+                fh.seek(base + len(data))
+            i = data.find(needle, i + 1)
+        carry = data[-8:]
+        pos = base + len(data)
+
+
+def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Record | Damage]:
+    """Every record of one WARC/WET file, plain or gzip; damage is yielded, not raised."""
+    path = Path(path)
+    gz = _is_gzip(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos < size:
+            fh.seek(pos)
+            it = ArchiveIterator(fh)
+            try:
+                for rec in it:
+                    yield _record(it, rec, max_payload, wanted)
+                return
+            except (ArchiveLoadFailed, zlib.error, EOFError, ValueError, OSError) as e:
+                bad = it.offset
+                msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                yield Damage(bad, "malformed_record", f"{path}@{bad}: unreadable record ({type(e).__name__}: {msg})")
+            except _Truncated as t:
+                yield Damage(t.offset, "truncated", f"{path}@{t.offset}: {t}")
+                bad = t.offset
+            nxt = _next_record_start(fh, bad, gz)
+            if nxt is None:
+                return
+            log.info("ingest: %s: resuming at byte %d after damage at %d", path, nxt, bad)
+            pos = nxt
+
+
+class _Truncated(Exception):
+    def __init__(self, offset: int, message: str) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Record:
+    start = it.offset
+    h = rec.rec_headers
+    rec_type = rec.rec_type
+    status = None
+    ctype = h.get_header("Content-Type") or ""
+    if rec.http_headers is not None and rec_type in ("response", "revisit"):
+        try:
+            status = int(rec.http_headers.get_statuscode())
+        except (TypeError, ValueError):
+            status = None
+        ctype = rec.http_headers.get_header("Content-Type") or ""
+    payload = None
+    length = rec.length or 0
+    if rec_type in wanted and length <= max_payload:
+        payload = rec.content_stream().read()
+        length = len(payload)
+        if rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
+            raise _Truncated(start, f"record truncated ({rec.raw_stream.limit} of {rec.length} bytes missing)")
+    it.read_to_end()
+    return Record(
+        offset=it.get_record_offset(),
+        rec_type=rec_type,
+        record_id=h.get_header("WARC-Record-ID"),
+        target_uri=h.get_header("WARC-Target-URI"),
+        http_status=status,
+        content_type=ctype,
+        payload=payload,
+        length=length,
+    )
