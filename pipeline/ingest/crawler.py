@@ -451,7 +451,7 @@ class Crawler:
             if not retryable or attempt >= self.cfg.retries:
                 return result
             wait = self.cfg.backoff * (2**attempt)
-            after = retry_after_seconds(dict(result.headers).get("retry-after"))
+            after = retry_after_seconds({k.lower(): v for k, v in result.headers}.get("retry-after"))
             if after is not None:
                 if after > self.cfg.max_retry_after:
                     result.message = f"Retry-After {after:g}s > max_retry_after {self.cfg.max_retry_after:g}s"
@@ -472,10 +472,10 @@ class Crawler:
                     encoding=r.charset_encoding,
                 )
                 lower = {k.lower(): v for k, v in out.headers}
-                if r.is_redirect:
-                    out.status, out.location = "redirected", lower.get("location")
-                elif r.status_code == 304:
+                if r.status_code == 304:
                     out.status = "not_modified"
+                elif r.status_code in (301, 302, 303, 307, 308):
+                    out.status, out.location = "redirected", lower.get("location")
                 elif r.status_code != 200:
                     out.status = f"error_http_{r.status_code}"
                 else:
