@@ -141,13 +141,18 @@ def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Rec
             try:
                 for rec in it:
                     yield _record(it, rec, max_payload, wanted)
-                return
+                if it.offset >= size:
+                    return
+                # warcio stops quietly at a cut gzip member: what is left was never a record
+                bad = it.offset
+                yield Damage(bad, "truncated", f"{path}@{bad}: {size - bad} trailing bytes are not a complete "
+                                               f"record (truncated file or gzip member)")
             except (ArchiveLoadFailed, zlib.error, EOFError, ValueError, OSError) as e:
                 bad = it.offset
                 msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 yield Damage(bad, "malformed_record", f"{path}@{bad}: unreadable record ({type(e).__name__}: {msg})")
-            except _Truncated as t:
-                yield Damage(t.offset, "truncated", f"{path}@{t.offset}: {t}")
+            except _Damaged as t:
+                yield Damage(t.offset, t.kind, f"{path}@{t.offset}: {t}")
                 bad = t.offset
             nxt = _next_record_start(fh, bad, gz)
             if nxt is None:
@@ -156,14 +161,17 @@ def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Rec
             pos = nxt
 
 
-class _Truncated(Exception):
-    def __init__(self, offset: int, message: str) -> None:
+class _Damaged(Exception):
+    def __init__(self, kind: str, offset: int, message: str) -> None:
         super().__init__(message)
+        self.kind = kind
         self.offset = offset
 
 
 def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Record:
     start = it.offset
+    if not str(rec.format).startswith("warc"):  # warcio reads junk as an ARC record rather than fail
+        raise _Damaged("malformed_record", start, f"not a WARC record (parsed as {rec.format})")
     h = rec.rec_headers
     rec_type = rec.rec_type
     status = None
@@ -180,7 +188,7 @@ def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Rec
         payload = rec.content_stream().read()
         length = len(payload)
         if rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
-            raise _Truncated(start, f"record truncated ({rec.raw_stream.limit} of {rec.length} bytes missing)")
+            raise _Damaged("truncated", start, f"record truncated ({rec.raw_stream.limit} of {rec.length} bytes missing)")
     it.read_to_end()
     return Record(
         offset=it.get_record_offset(),
