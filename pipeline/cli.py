@@ -51,7 +51,9 @@ def _usage() -> str:
         "",
         "other commands:",
         "  run        run every stage in order through the Prefect flow `build-model`",
-        "  generate   sample text: generate --prompt \"...\" [--max-new-tokens N] [--model pretrain|finetune]",
+        "  generate   sample text, streamed: generate --prompt \"...\" [--max-new-tokens N] [--temperature T]",
+        "             [--top-k K] [--top-p P] [--seed S] [--no-cache] [--model pretrain|finetune] | generate --chat",
+        "  export     write a transformers directory: export [--model latest|pretrain|finetune] [--out DIR]",
         "",
         "config groups (select with group=option, e.g. source=files):",
     ]
@@ -89,26 +91,56 @@ def _load(overrides: list[str]):
 
 def _generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline generate")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", help="text to continue (a fine-tuned model gets it as a chat question)")
+    parser.add_argument("--chat", action="store_true", help="interactive chat: one user turn per line, /reset, /exit")
+    parser.add_argument("--system", default=None, help="system message for --chat")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40, help="0 = no top-k filter")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold, e.g. 0.9")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (no KV cache)")
     parser.add_argument("--model", choices=["latest", "pretrain", "finetune"], default="latest")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if not args.chat and args.prompt is None:
+        parser.error("--prompt is required (or use --chat)")
     cfg = _load(args.overrides)
-    from pipeline.generate import generate_from_run
+    from pipeline.generate import chat, generate_from_run, load_run
 
-    print(
-        generate_from_run(
-            cfg,
-            args.prompt,
-            which=args.model,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-        )
-    )
+    seed = int(cfg.seed) if args.seed is None else args.seed
+    top_k = args.top_k or None
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.chat:
+        model, tokenizer, _ = load_run(cfg, args.model)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("chat with the model: one message per line, /reset to start over, /exit to quit")
+        chat(model, tokenizer, sys.stdin, write=out, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=seed, system=args.system,
+             prompt=(lambda: out("> ")) if interactive else None)
+        return 0
+    generate_from_run(cfg, args.prompt, which=args.model, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=seed,
+                      use_cache=not args.no_cache, on_text=out)
+    print()
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline export")
+    parser.add_argument("--model", choices=["latest", "pretrain", "finetune"], default="latest")
+    parser.add_argument("--out", default=None, help="output directory (default: <run>/hf)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = _load(args.overrides)
+    from pipeline.export import run as export_run
+
+    print(json.dumps(export_run(cfg, args.model, args.out)))
     return 0
 
 
@@ -139,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if command == "generate":
                 return _generate(rest)
+            if command == "export":
+                return _export(rest)
             raise PipelineError(
                 f"unknown stage or command {command!r}; expected one of: {', '.join([*STAGES, 'run', 'generate'])}"
             )

@@ -1,34 +1,55 @@
-"""Export a trained GPT to Hugging Face `transformers` as a LlamaForCausalLM.
+"""Export a trained model to a Hugging Face `transformers` directory (safetensors only).
 
-Our model is Llama at toy scale, so the export is a renaming of tensors: the fused
-q/k/v and gate/up projections are split into Llama's separate ones. The tokenizer goes
-along as a `PreTrainedTokenizerFast` that prepends `<|endoftext|>` (our document
-separator, used as BOS, just as training windows see it before each document) and
-carries a chat template for the fine-tuned model's `<|user|>...<|end|><|assistant|>` turns.
-After `save_pretrained`, `transformers.pipeline("text-generation", model=path)` loads it.
+`arch=llama` models become `LlamaForCausalLM`: our model is Llama at toy scale, so the
+export is a renaming of tensors (the fused q/k/v and gate/up projections are split). The
+tokenizer goes along as a `PreTrainedTokenizerFast` that prepends `<|endoftext|>` (our
+document separator, used as BOS, as training windows see it before each document).
+
+`arch=gpt2` models become `GPT2LMHeadModel` (Conv1D weights are our Linear weights
+transposed) with a `GPT2Tokenizer` written as `vocab.json` + `merges.txt`: our byte-level
+BPE is GPT-2's scheme, so `GPT2Tokenizer.from_pretrained(path)` gives the same ids as ours
+and code written for GPT-2 runs unchanged.
+
+Both carry a chat template for the fine-tuned model's `<|user|>...<|end|><|assistant|>`
+turns (the format of `pipeline.sft_data.chat_prompt`) and a `generation_config.json` that
+stops at `<|endoftext|>`/`<|end|>`. Weights are written with safetensors and the directory
+is checked for pickle files, so loading an export never unpickles anything.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.model.gpt import GPT
 
 EOT, PAD, END = "<|endoftext|>", "<|pad|>", "<|end|>"
+CHAT_ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _eos(eot_id, end_id):
+    eos = [i for i in (eot_id, end_id) if i is not None]
+    return eos[0] if len(eos) == 1 else (eos or None)
+
+
+# ---------------------------------------------------------------- Llama
 
 
 def llama_config(model: GPT, eot_id: int | None = None, pad_id: int | None = None, end_id: int | None = None):
     from transformers import LlamaConfig
 
     c = model.cfg
-    eos = [i for i in (eot_id, end_id) if i is not None]
     return LlamaConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.d_model,
@@ -45,7 +66,7 @@ def llama_config(model: GPT, eot_id: int | None = None, pad_id: int | None = Non
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=eot_id,
-        eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
+        eos_token_id=_eos(eot_id, end_id),
         pad_token_id=pad_id,
     )
 
@@ -76,20 +97,85 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def to_llama(model: GPT, eot_id: int | None = None, pad_id: int | None = None, end_id: int | None = None):
-    """An in-memory `LlamaForCausalLM` with our weights (eval mode, float32)."""
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM(llama_config(model, eot_id, pad_id, end_id))
-    missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to embed_tokens
+def _load_into(hf, sd: dict[str, torch.Tensor]):
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the input embedding
     if missing or unexpected:
         raise RuntimeError(f"export mapping mismatch: missing={missing} unexpected={unexpected}")
     hf.tie_weights()
     return hf.eval()
 
 
-def hf_tokenizer(tokenizer):
+def to_llama(model: GPT, eot_id: int | None = None, pad_id: int | None = None, end_id: int | None = None):
+    """An in-memory `LlamaForCausalLM` with our weights (eval mode, float32)."""
+    from transformers import LlamaForCausalLM
+
+    return _load_into(LlamaForCausalLM(llama_config(model, eot_id, pad_id, end_id)), llama_state_dict(model))
+
+
+# ---------------------------------------------------------------- GPT-2
+
+
+def gpt2_config(model: GPT, eot_id: int | None = None, pad_id: int | None = None, end_id: int | None = None):
+    from transformers import GPT2Config
+
+    c = model.cfg
+    return GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.d_model,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_inner=c.mlp_hidden,
+        activation_function="gelu_new",  # tanh approximation, as in GPT-2 and our GeluMLP
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=c.norm_eps,
+        tie_word_embeddings=True,
+        bos_token_id=eot_id,
+        eos_token_id=_eos(eot_id, end_id),
+        pad_token_id=pad_id,
+    )
+
+
+def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our names -> GPT2LMHeadModel's; its Conv1D layers store weights as (in, out)."""
+    c = model.cfg
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out = {
+        "transformer.wte.weight": sd["tok_emb.weight"],
+        "transformer.wpe.weight": sd["pos_emb.weight"],
+        "transformer.ln_f.weight": sd["norm.weight"],
+        "transformer.ln_f.bias": sd["norm.bias"],
+    }
+    for i in range(c.n_layer):
+        p, q = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[q + theirs + ".weight"], out[q + theirs + ".bias"] = sd[p + ours + ".weight"], sd[p + ours + ".bias"]
+        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                             ("mlp.fc", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+            out[q + theirs + ".weight"] = sd[p + ours + ".weight"].t()
+            out[q + theirs + ".bias"] = sd[p + ours + ".bias"]
+    out["lm_head.weight"] = sd["tok_emb.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def to_gpt2(model: GPT, eot_id: int | None = None, pad_id: int | None = None, end_id: int | None = None):
+    """An in-memory `GPT2LMHeadModel` with our weights (eval mode, float32)."""
+    from transformers import GPT2LMHeadModel
+
+    return _load_into(GPT2LMHeadModel(gpt2_config(model, eot_id, pad_id, end_id)), gpt2_state_dict(model))
+
+
+def to_hf(model: GPT, eot_id=None, pad_id=None, end_id=None):
+    return (to_gpt2 if model.cfg.arch == "gpt2" else to_llama)(model, eot_id, pad_id, end_id)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def hf_tokenizer(tokenizer, model_max_length: int | None = None):
     """`tokenizers.Tokenizer` -> `PreTrainedTokenizerFast` with BOS prepended and special tokens named."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
@@ -110,28 +196,96 @@ def hf_tokenizer(tokenizer):
         kwargs.update(bos_token=EOT, eos_token=EOT)
     if tok.token_to_id(PAD) is not None:
         kwargs["pad_token"] = PAD
+    if model_max_length:
+        kwargs["model_max_length"] = int(model_max_length)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
 
+def gpt2_tokenizer(tokenizer, model_max_length: int | None = None):
+    """Our byte-level BPE as a `GPT2Tokenizer` built from its own `vocab.json` + `merges.txt`."""
+    from transformers import GPT2Tokenizer
+
+    present = {t: tokenizer.token_to_id(t) for t in (EOT, PAD, END, *CHAT_ROLES)}
+    if present[EOT] is None:
+        raise PipelineError(f"a GPT-2 export needs {EOT} in the tokenizer's vocabulary")
+    with tempfile.TemporaryDirectory(prefix="gpt2-tok-") as d:
+        tokenizer.model.save(d)  # vocab.json, merges.txt
+        kwargs = {"extra_special_tokens": [t for t in (*CHAT_ROLES, END) if present[t] is not None]}
+        if present[PAD] is not None:
+            kwargs["pad_token"] = PAD
+        if model_max_length:
+            kwargs["model_max_length"] = int(model_max_length)
+        hf = GPT2Tokenizer.from_pretrained(d, bos_token=EOT, eos_token=EOT, unk_token=EOT, **kwargs)
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+# ---------------------------------------------------------------- writing
+
+
+def check_no_pickles(out_dir: Path) -> None:
+    bad = sorted(p.name for p in Path(out_dir).rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if bad:
+        raise PipelineError(f"export {out_dir} contains pickle-based files {bad}: only safetensors may be written")
+
+
 def export_hf(model: GPT, tokenizer, out_dir: Path) -> Path:
-    """Write `config.json`, weights, `generation_config.json` and the tokenizer to `out_dir`."""
+    """Write `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer."""
     from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.float().cpu().eval()
     eot, pad, end = (tokenizer.token_to_id(t) for t in (EOT, PAD, END))
-    hf = to_llama(model, eot, pad, end)
+    hf = to_hf(model, eot, pad, end)
     hf.generation_config = GenerationConfig(
         bos_token_id=eot,
         eos_token_id=[i for i in (eot, end) if i is not None] or None,
         pad_token_id=pad if pad is not None else eot,
-        max_length=model.cfg.block_size,
         do_sample=False,
     )
-    hf.save_pretrained(out_dir)
-    hf_tokenizer(tokenizer).save_pretrained(out_dir)
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    block = model.cfg.block_size
+    tok = gpt2_tokenizer(tokenizer, block) if model.cfg.arch == "gpt2" else hf_tokenizer(tokenizer, block)
+    tok.save_pretrained(out_dir)
+    if model.cfg.arch == "gpt2":  # the files GPT-2 code expects, beside tokenizer.json
+        tokenizer.model.save(str(out_dir))
+    check_no_pickles(out_dir)
     return out_dir
+
+
+def export_run(run_dir: Path, out_dir: Path | None = None, cfg=None) -> dict:
+    """Re-export a training run (`models/pretrain`, `models/finetune`) to `out_dir`
+    (default `<run>/hf`), atomically; a LoRA run is exported with its update merged."""
+    from pipeline.artifacts import atomic_dir
+    from pipeline.generate import load_run_tokenizer
+    from pipeline.model import load_trained
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    model, meta = load_trained(run_dir)
+    tokenizer = load_run_tokenizer(run_dir, meta, cfg)
+    out = Path(out_dir) if out_dir else run_dir / "hf"
+    with atomic_dir(out) as work:
+        export_hf(model, tokenizer, work)
+    config = json.loads((out / "config.json").read_text())
+    return {
+        "run": str(run_dir),
+        "out": str(out),
+        "stage": meta.get("stage"),
+        "architecture": (config.get("architectures") or [None])[0],
+        "params": model.num_params(),
+        "files": sorted(p.name for p in out.iterdir()),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def run(cfg, which: str = "latest", out: str | Path | None = None) -> dict:
+    """`python -m pipeline export`: the latest (fine-tuned, else pretrained) or a named run."""
+    from pipeline.generate import run_dir_for
+
+    return export_run(run_dir_for(cfg, which), Path(out) if out else None, cfg)

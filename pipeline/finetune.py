@@ -1,9 +1,17 @@
 """Finetune stage: supervised fine-tuning of the pretrained model on question/answer pairs.
 
 Starts from `paths.pretrain` (its weights, model config and tokenizer), trains on the
-train pairs with the loss on answer tokens only (examples packed into block_size rows),
-validates on the held-out pairs, and writes `paths.finetune/` in the pretrain layout plus
-`sft/train.jsonl` and `sft/heldout.jsonl` (one {"question", "answer", "doc_id"} per line).
+train pairs with the loss on answer tokens only, validates on the held-out pairs, and
+writes `paths.finetune/` in the pretrain layout plus `sft/train.jsonl` and
+`sft/heldout.jsonl` (one {"question", "answer", "doc_id"} per line, `messages` for
+conversations of several turns).
+
+`finetune.method`: `full` (every weight trained) or `lora` (`finetune=lora`: low-rank
+updates on the blocks' matrices, base frozen; `load_trained` and the `hf/` export see the
+update merged into the weights). `finetune.packing`: whole examples packed into
+block_size rows with attention kept inside each example, or one padded example per row.
+`finetune.overlong`: examples longer than the context are `truncate`d or `drop`ped;
+both are counted in the summary, as are skipped malformed records of user data.
 Hardware keys (accelerator, devices, strategy, precision, num_threads) default to the
 `pretrain` group's, so a GPU config applies to both stages.
 """
@@ -21,9 +29,11 @@ from pipeline.errors import PipelineError
 from pipeline.generate import load_run_tokenizer
 from pipeline.model import CKPT, load_trained
 from pipeline.model.lightning import LitGPT, RowsDataModule
+from pipeline.model.lora import apply_lora, merged, trainable_params
 from pipeline.model.trainer import cleanup_stale, find_resume, fit, is_rank_zero, output_dir, setup_torch
 from pipeline.pretrain import finish_run
 
+METHODS = ("full", "lora")
 HARDWARE = ("accelerator", "devices", "strategy", "precision", "num_nodes", "num_threads", "progress_bar", "compile")
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every")
 
@@ -46,13 +56,23 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     setup_torch(tc)
     L.seed_everything(int(cfg.seed), verbose=False)
 
+    method = str(fc.get("method", "full"))
+    if method not in METHODS:
+        raise PipelineError(f"finetune.method={method!r}; expected one of {', '.join(METHODS)}")
+    overlong = str(fc.get("overlong", "truncate"))
     base, meta = load_trained(pre_dir)
     tokenizer = load_run_tokenizer(pre_dir, meta, cfg)
     train_pairs, held_pairs, info = sft_data.build_pairs(cfg)
     block = base.cfg.block_size
     packing = bool(fc.get("packing", True))
-    train_rows = sft_data.build_rows(tokenizer, train_pairs, block, packing)
-    val_rows = sft_data.build_rows(tokenizer, held_pairs, block, packing)
+    length = {"train": {}, "heldout": {}}
+    train_rows = sft_data.build_rows(tokenizer, train_pairs, block, packing, overlong, length["train"])
+    val_rows = sft_data.build_rows(tokenizer, held_pairs, block, packing, overlong, length["heldout"])
+    if not train_rows:
+        raise PipelineError(
+            f"all {len(train_pairs)} training examples are longer than the context ({block + 1} tokens) "
+            "and finetune.overlong=drop: use finetune.overlong=truncate or a model with a larger block_size"
+        )
 
     max_steps = int(fc.max_steps)
     fp = config_hash({
@@ -76,6 +96,11 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         stage="finetune",
     )
     module.model.load_state_dict(base.state_dict())
+    lora = None
+    if method == "lora":
+        lc = fc.lora
+        adapted = apply_lora(module.model, int(lc.r), float(lc.alpha), list(lc.targets))
+        lora = {"r": int(lc.r), "alpha": float(lc.alpha), "modules": len(adapted)}
     pad = tokenizer.token_to_id(sft_data.PAD)
     dm = RowsDataModule(
         train_rows, val_rows, int(fc.batch_size), int(cfg.seed), max_steps, int(fc.get("val_batches", 8)),
@@ -94,9 +119,10 @@ def run(cfg, callbacks: tuple = ()) -> dict:
                 inputs["data"] = Path(info["path"])
             else:
                 inputs["clean"] = Path(cfg.paths.clean)
-            answer_tokens = sum(sum(1 for t in labels if t != sft_data.IGNORE) for _, labels in train_rows)
+            answer_tokens = sum(sum(1 for t in row[1] if t != sft_data.IGNORE) for row in train_rows)
+            final = merged(module.model) if lora else module.model
             summary = finish_run(
-                work, module.model, tokenizer, Path(meta["tokenizer"]), "finetune", cfg, timer, result,
+                work, final, tokenizer, Path(meta["tokenizer"]), "finetune", cfg, timer, result,
                 inputs=inputs, batch_size=int(fc.batch_size),
                 extra={
                     "pairs": info,
@@ -104,6 +130,11 @@ def run(cfg, callbacks: tuple = ()) -> dict:
                     "heldout_rows": len(val_rows),
                     "train_answer_tokens": answer_tokens,
                     "packing": packing,
+                    "method": method,
+                    "lora": lora,
+                    "trainable_params": trainable_params(module.model),
+                    "overlong": overlong,
+                    "length": length,
                     "base_steps": meta.get("steps"),
                 },
             )

@@ -6,19 +6,25 @@ docstring; each module gives "What does the json module do?" -> its summary. Pai
 held out by SOURCE DOCUMENT (`splits.is_val(doc_id, shard.val_fraction)`, the same split
 the shards use), so held-out questions are about pages the model never trained on.
 
-With `finetune.data` set, pairs come from Alpaca JSON/JSONL (instruction/input/output) or
-chat JSONL ({"messages": [{"role", "content"}, ...]}) instead, held out by a hash of the
-question with the same fraction.
+With `finetune.data` set, examples come from Alpaca JSON/JSONL (instruction/input/output),
+chat JSONL ({"messages": [{"role", "content"}, ...]}, several turns allowed) or a local
+Hugging Face dataset with either kind of row, held out by a hash of the question (of the
+whole conversation for several turns) with the same fraction. A malformed record is logged
+with its file and line, counted by reason in the stage summary, and skipped.
 
-Chat format: `<|endoftext|><|user|>{question}<|end|><|assistant|>{answer}<|end|>`; only the
-answer tokens (and its closing `<|end|>`) carry labels, everything else is -100.
+Chat format (the tokenizer's special tokens; `transformers`' chat template in the export
+renders the same): `<|endoftext|>` then, per message, `<|role|>{content}<|end|>`; a prompt
+for the model ends with `<|assistant|>`. Only assistant contents and their closing `<|end|>`
+carry labels, everything else is -100.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -32,12 +38,19 @@ EOT, PAD, SYSTEM, USER, ASSISTANT, END = (
     "<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
 )
 IGNORE = -100
+log = logging.getLogger("pipeline.finetune")
 
 
 def chat_prompt(question: str, system: str | None = None) -> str:
     """The text the model sees before its answer (the answer follows, then `<|end|>`)."""
     head = f"{SYSTEM}{system}{END}" if system else ""
     return f"{head}{USER}{question}{END}{ASSISTANT}"
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Chat messages as text in the training format (`chat_prompt` is the one-question case)."""
+    text = "".join(f"<|{m['role']}|>{m['content']}{END}" for m in messages)
+    return text + (ASSISTANT if add_generation_prompt else "")
 
 
 # ---------------------------------------------------------------- pydoc parsing
@@ -290,70 +303,191 @@ def derive_pairs(clean_dir: Path, max_pairs: int, max_answer_words: int) -> list
     return _dedupe_cap((t[3] for t in found), max_pairs)
 
 
-def _records(path: Path) -> Iterator[dict]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".json" or stripped.startswith("["):
+# ---------------------------------------------------------------- user data (Alpaca, chat, HF datasets)
+
+ROLES = ("system", "user", "assistant")
+MAX_PROBLEM_EXAMPLES = 5
+
+
+class DataReport:
+    """Counts of records read, kept and skipped (per reason, with a few `file:line` examples).
+
+    A bad record never stops the run: it is logged with where it is, counted, and skipped.
+    """
+
+    def __init__(self) -> None:
+        self.records = 0
+        self.kept = 0
+        self.skipped: Counter[str] = Counter()
+        self.problems: dict[str, list[str]] = {}
+
+    def problem(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        examples = self.problems.setdefault(reason, [])
+        if len(examples) < MAX_PROBLEM_EXAMPLES:
+            examples.append(message)
+        log.warning("finetune data: %s: %s", reason, message)
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "kept": self.kept, "skipped": dict(sorted(self.skipped.items())),
+                "skipped_total": sum(self.skipped.values()), "problems": self.problems}
+
+
+def _iter_records(path: Path, split: str, report: DataReport) -> Iterator[tuple[str, object]]:
+    """(where, record) for every record of a JSON array, a JSONL file or a local HF dataset."""
+    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
+        for k, row in enumerate(_hf_rows(path, split), 1):
+            yield f"{path}: row {k}", row
+        return
+    if path.suffix == ".json" or (path.suffix != ".jsonl" and _starts_with_bracket(path)):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PipelineError(f"{path}: not valid JSON ({e}); use JSONL to skip bad records one by one") from e
         if isinstance(data, dict):
             data = data.get("data") or data.get("examples") or [data]
-        yield from data
+        if not isinstance(data, list):
+            raise PipelineError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        for k, rec in enumerate(data, 1):
+            yield f"{path}: record {k}", rec
         return
-    for k, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
             try:
-                yield json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.records += 1
+                report.problem("bad_utf8", f"{where}: not UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}:{k}: not valid JSON ({e.msg})") from e
+                report.records += 1
+                report.problem("bad_json", f"{where}: {e.msg} (column {e.colno})")
+                continue
+            yield where, rec
 
 
-def load_custom(path: Path, max_pairs: int = 0) -> list[dict]:
-    """Alpaca (instruction/input/output) or chat ({"messages": [...]}) records -> pairs."""
-    out = []
-    for k, rec in enumerate(_records(Path(path))):
-        if not isinstance(rec, dict):
-            raise PipelineError(f"{path}: record {k} is not an object")
-        if "messages" in rec:
-            system, last_user = None, None
-            for m in rec["messages"] or []:
-                role, content = m.get("role"), (m.get("content") or "").strip()
-                if role == "system":
-                    system = content
-                elif role == "user":
-                    last_user = content
-                elif role == "assistant" and last_user:
-                    out.append({"question": last_user, "answer": content, "system": system})
-                    last_user = None
-        elif "instruction" in rec and "output" in rec:
-            q = str(rec["instruction"]).strip()
-            extra = str(rec.get("input") or "").strip()
-            out.append({"question": f"{q}\n\n{extra}" if extra else q, "answer": str(rec["output"]).strip(), "system": None})
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _hf_rows(path: Path, split: str) -> Iterator[dict]:
+    """Rows of a local Hugging Face dataset: a `save_to_disk` directory, a data directory
+    (`load_dataset(dir)` infers JSON/Parquet/CSV files), or one Parquet/Arrow file."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            ds = datasets.load_dataset(str(path))
         else:
-            raise PipelineError(
-                f"{path}: record {k} is neither Alpaca (instruction/input/output) nor chat ({{\"messages\": [...]}})"
-            )
-    pairs = []
-    for p in out:
-        if not p["question"] or not p["answer"]:
-            continue
-        p["doc_id"] = content_id(p["question"])
-        if not p["system"]:
-            p.pop("system")
-        pairs.append(p)
+            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for an unreadable dataset
+        raise PipelineError(f"{path}: not a readable Hugging Face dataset ({type(e).__name__}: {e})") from e
+    if isinstance(ds, (datasets.DatasetDict, dict)):
+        if split not in ds:
+            raise PipelineError(f"{path}: no split {split!r} (has {sorted(ds)}); set finetune.data_split")
+        ds = ds[split]
+    yield from ds
+
+
+def _text(v) -> str | None:
+    return v.strip() if isinstance(v, str) else None
+
+
+def parse_record(rec) -> tuple[dict | None, str, str]:
+    """An example ({"messages": [...]}) from an Alpaca or chat record, or (None, reason, detail)."""
+    if not isinstance(rec, dict):
+        return None, "not_an_object", f"a {type(rec).__name__}, not a JSON object"
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return None, "bad_messages", "`messages` is not a non-empty list"
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                return None, "bad_messages", f"message {i} needs a role in {ROLES} and a string content"
+            out.append({"role": m["role"], "content": m["content"].strip()})
+        last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=-1)
+        if last < 0 or not any(m["role"] == "user" for m in out[:last]):
+            return None, "no_assistant_turn", "no assistant message after a user message"
+        out = out[: last + 1]  # turns after the last answer carry no loss
+        if any(not m["content"] for m in out if m["role"] != "system"):
+            return None, "empty", "an empty user or assistant message"
+        return {"messages": out}, "", ""
+    if "instruction" in rec and "output" in rec:
+        q, a, extra = _text(rec["instruction"]), _text(rec["output"]), rec.get("input") or ""
+        if not isinstance(extra, str) or q is None or a is None:
+            return None, "bad_field_type", "instruction, input and output must be strings"
+        if not q or not a:
+            return None, "empty", "empty instruction or output"
+        msgs = [{"role": "user", "content": f"{q}\n\n{extra.strip()}" if extra.strip() else q},
+                {"role": "assistant", "content": a}]
+        system = _text(rec.get("system"))
+        return {"messages": ([{"role": "system", "content": system}] if system else []) + msgs}, "", ""
+    return None, "unknown_format", "neither Alpaca (instruction/input/output) nor chat ({\"messages\": [...]})"
+
+
+def as_pair(example: dict) -> dict:
+    """The stored form: question/answer (the last exchange, what eval scores), `system` when
+    there is one, and the full `messages` only for a conversation of several turns."""
+    msgs = example["messages"]
+    system = next((m["content"] for m in msgs if m["role"] == "system"), None)
+    turns = [m for m in msgs if m["role"] != "system"]
+    question = next(m["content"] for m in reversed(turns[:-1]) if m["role"] == "user")
+    pair = {"question": question, "answer": turns[-1]["content"]}
+    if [m["role"] for m in msgs] in (["user", "assistant"], ["system", "user", "assistant"]):
+        pair["doc_id"] = content_id(question)
+        if system:
+            pair["system"] = system
+    else:
+        pair["messages"] = msgs
+        pair["doc_id"] = content_id(json.dumps(msgs, ensure_ascii=False, sort_keys=True))
+    return pair
+
+
+def pair_messages(p: dict) -> list[dict]:
+    """The chat messages of a stored pair (inverse of `as_pair`)."""
+    if p.get("messages"):
+        return list(p["messages"])
+    head = [{"role": "system", "content": p["system"]}] if p.get("system") else []
+    return [*head, {"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}]
+
+
+def load_custom(path: Path, max_pairs: int = 0, split: str = "train", report: DataReport | None = None) -> list[dict]:
+    """Alpaca (instruction/input/output) or chat ({"messages": [...]}) records -> pairs, in file
+    order; bad records are reported (file and line), counted in `report` and skipped."""
+    path = Path(path)
+    report = report if report is not None else DataReport()
     seen: dict[str, dict] = {}
-    for p in pairs:  # keep file order for user data; first answer per question wins
-        seen.setdefault(p["question"], p)
+    for where, rec in _iter_records(path, split, report):
+        report.records += 1
+        ex, reason, detail = parse_record(rec)
+        if ex is None:
+            report.problem(reason, f"{where}: {detail}")
+            continue
+        pair = as_pair(ex)
+        if pair["doc_id"] in seen:  # the first answer to a question (or conversation) wins
+            report.problem("duplicate", f"{where}: repeats an earlier question")
+            continue
+        seen[pair["doc_id"]] = pair
     kept = list(seen.values())
-    return kept[: int(max_pairs)] if max_pairs and int(max_pairs) > 0 else kept
+    kept = kept[: int(max_pairs)] if max_pairs and int(max_pairs) > 0 else kept
+    report.kept = len(kept)
+    return kept
 
 
 def resolve_data_path(data: str, root: str | Path) -> Path:
     p = Path(str(data)).expanduser()
     for cand in ([p] if p.is_absolute() else [Path.cwd() / p, Path(root) / p]):
-        if cand.is_file():
+        if cand.exists():
             return cand
     raise PipelineError(f"finetune.data file not found: {data}")
 
@@ -368,10 +502,13 @@ def build_pairs(cfg) -> tuple[list[dict], list[dict], dict]:
     """(train pairs, held-out pairs, info) for the configured source."""
     fc = cfg.finetune
     fraction = float(cfg.shard.val_fraction)
+    extra: dict = {}
     if fc.get("data"):
         path = resolve_data_path(fc.data, cfg.paths.root)
-        pairs = load_custom(path, int(fc.max_pairs))
+        report = DataReport()
+        pairs = load_custom(path, int(fc.max_pairs), str(fc.get("data_split") or "train"), report)
         source = {"kind": "file", "path": str(path)}
+        extra = {"data": report.to_dict()}
     else:
         clean = Path(cfg.paths.clean)
         if not clean.is_dir() or not parquet_files(clean):
@@ -379,14 +516,17 @@ def build_pairs(cfg) -> tuple[list[dict], list[dict], dict]:
         pairs = derive_pairs(clean, int(fc.max_pairs), int(fc.max_answer_words))
         source = {"kind": "pydoc", "path": str(clean)}
     if not pairs:
+        skipped = extra.get("data", {}).get("skipped_total")
         raise PipelineError(
-            f"no question/answer pairs found in {source['path']}: the default set needs pydoc pages "
-            "(source=pydoc_site); or set finetune.data=<alpaca or chat .json/.jsonl>"
+            f"no question/answer pairs found in {source['path']}"
+            + (f" ({skipped} records skipped, see the warnings above)" if skipped else "")
+            + ": the default set needs pydoc pages (source=pydoc_site); or set "
+            "finetune.data=<alpaca or chat .json/.jsonl, or a local Hugging Face dataset>"
         )
     train, held = split_pairs(pairs, fraction)
     if not train:
         raise PipelineError(f"all {len(pairs)} pairs fell in the held-out split (shard.val_fraction={fraction})")
-    return train, held, {**source, "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(held)}
+    return train, held, {**source, "pairs": len(pairs), "train_pairs": len(train), "heldout_pairs": len(held), **extra}
 
 
 # ---------------------------------------------------------------- tokens
@@ -397,40 +537,94 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(enc.ids) if hasattr(enc, "ids") else list(enc)
 
 
-def encode_pair(tokenizer, question: str, answer: str, system: str | None = None, max_len: int | None = None):
-    """(ids, labels), labels == ids on the answer and its `<|end|>`, -100 elsewhere.
+OVERLONG = ("truncate", "drop")
 
-    Starts with `<|endoftext|>`, the way every pretraining document is preceded. Too long
-    examples keep the end of the prompt and the start of the answer.
+
+def encode_messages(tokenizer, messages: list[dict], max_len: int | None = None, overlong: str = "truncate"):
+    """(ids, labels, status): the chat rendering of `messages` after `<|endoftext|>` (the way
+    every pretraining document starts), labels == ids on each assistant message's content
+    and its closing `<|end|>`, -100 elsewhere (role markers, system, user turns).
+
+    Longer than `max_len`: `drop` gives status "dropped"; `truncate` keeps the end of the
+    prompt and the start of the answer when there is one answer, else the first max_len
+    tokens (status "truncated", or "dropped" if no answer token survives).
     """
-    eot, end = tokenizer.token_to_id(EOT), tokenizer.token_to_id(END)
-    prompt = ([eot] if eot is not None else []) + _ids(tokenizer, chat_prompt(question, system))
-    ans = _ids(tokenizer, answer) + [end]
-    if max_len and len(prompt) + len(ans) > max_len:
+    if overlong not in OVERLONG:
+        raise PipelineError(f"finetune.overlong={overlong!r}; expected one of {', '.join(OVERLONG)}")
+    eot = tokenizer.token_to_id(EOT)
+    end = _ids(tokenizer, END)
+    ids: list[int] = [eot] if eot is not None else []
+    labels: list[int] = [IGNORE] * len(ids)
+    spans = 0
+    for m in messages:
+        head = _ids(tokenizer, f"<|{m['role']}|>")
+        body = _ids(tokenizer, m["content"]) + end
+        ids += head + body
+        if m["role"] == "assistant":
+            labels += [IGNORE] * len(head) + body
+            spans += 1
+        else:
+            labels += [IGNORE] * (len(head) + len(body))
+    if not max_len or len(ids) <= max_len:
+        return ids, labels, "ok"
+    if overlong == "drop":
+        return ids, labels, "dropped"
+    if spans == 1 and messages[-1]["role"] == "assistant":
+        n_ans = sum(1 for t in labels if t != IGNORE)
+        prompt, p_lab, ans = ids[:-n_ans], labels[:-n_ans], ids[-n_ans:]
         ans = ans[: max(1, max_len // 2)] if len(ans) > max_len // 2 else ans
-        prompt = prompt[-(max_len - len(ans)) :]
-    return prompt + ans, [IGNORE] * len(prompt) + ans
+        keep = max_len - len(ans)
+        ids, labels = prompt[len(prompt) - keep:] + ans, p_lab[len(prompt) - keep:] + ans
+    else:
+        ids, labels = ids[:max_len], labels[:max_len]
+    if all(t == IGNORE for t in labels):
+        return ids, labels, "dropped"
+    return ids, labels, "truncated"
 
 
-def pack(examples: list[tuple[list[int], list[int]]], max_len: int, packing: bool = True) -> list[tuple[list[int], list[int]]]:
-    """Greedy packing of whole examples into rows of at most `max_len` tokens (order kept)."""
+def encode_pair(tokenizer, question: str, answer: str, system: str | None = None, max_len: int | None = None):
+    """(ids, labels) of one question/answer exchange (see `encode_messages`)."""
+    msgs = pair_messages({"question": question, "answer": answer, "system": system})
+    ids, labels, _ = encode_messages(tokenizer, msgs, max_len)
+    return ids, labels
+
+
+def pack(examples: list, max_len: int, packing: bool = True) -> list[tuple]:
+    """Rows of at most `max_len` tokens.
+
+    packing=True: whole examples greedily packed in order, each row (ids, labels, segments)
+    with `segments` the example index of every token, which the model turns into a
+    block-diagonal attention mask with positions restarting per example (no attention
+    leaks from one example into another). packing=False: one example per row, (ids, labels),
+    padded to the batch's longest row by `collate`.
+    """
     if not packing:
-        return [(ids, labels) for ids, labels in examples]
-    rows, cur_ids, cur_lab = [], [], []
-    for ids, labels in examples:
+        return [(ids, labels) for ids, labels, *_ in examples]
+    rows, cur_ids, cur_lab, cur_seg = [], [], [], []
+    for ids, labels, *_ in examples:
         if cur_ids and len(cur_ids) + len(ids) > max_len:
-            rows.append((cur_ids, cur_lab))
-            cur_ids, cur_lab = [], []
-        cur_ids, cur_lab = cur_ids + ids, cur_lab + labels
+            rows.append((cur_ids, cur_lab, cur_seg))
+            cur_ids, cur_lab, cur_seg = [], [], []
+        seg = (cur_seg[-1] + 1) if cur_seg else 0
+        cur_ids, cur_lab, cur_seg = cur_ids + ids, cur_lab + labels, cur_seg + [seg] * len(ids)
     if cur_ids:
-        rows.append((cur_ids, cur_lab))
+        rows.append((cur_ids, cur_lab, cur_seg))
     return rows
 
 
-def build_rows(tokenizer, pairs: list[dict], block_size: int, packing: bool = True):
-    """Token rows of at most block_size+1 tokens (inputs and shifted targets come from one row)."""
+def build_rows(tokenizer, pairs: list[dict], block_size: int, packing: bool = True, overlong: str = "truncate",
+               stats: dict | None = None):
+    """Token rows of at most block_size+1 tokens (inputs and shifted targets come from one row).
+    `stats` (if given) receives the counts of truncated and dropped examples."""
     max_len = block_size + 1
-    examples = [encode_pair(tokenizer, p["question"], p["answer"], p.get("system"), max_len) for p in pairs]
+    examples, counts = [], Counter()
+    for p in pairs:
+        ids, labels, status = encode_messages(tokenizer, pair_messages(p), max_len, overlong)
+        counts[status] += 1
+        if status != "dropped":
+            examples.append((ids, labels))
+    if stats is not None:
+        stats.update({"examples": len(pairs), "truncated": counts["truncated"], "dropped_overlong": counts["dropped"]})
     return pack(examples, max_len, packing)
 
 

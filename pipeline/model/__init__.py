@@ -29,16 +29,20 @@ def build_model(model_cfg, vocab_size: int) -> GPT:
 
 
 def _load_ckpt(path: Path, device) -> dict:
+    """Tensors and plain containers only (`weights_only=True`): a checkpoint never runs code."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # older Lightning checkpoints may pickle non-tensor objects; the file is ours
-        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise PipelineError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
 def model_state(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The GPT's own state dict out of a LightningModule checkpoint (`model.` prefix removed)."""
+    """The GPT's own state dict out of a LightningModule checkpoint (`model.` prefix removed,
+    LoRA updates merged into the weights)."""
+    from pipeline.model.lora import merge_state_dict
+
     sd = ckpt["state_dict"]
-    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    return merge_state_dict({k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")})
 
 
 def load_trained(run_dir, device: str | torch.device = "cpu") -> tuple[GPT, dict]:

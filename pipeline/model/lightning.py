@@ -65,12 +65,14 @@ class LitGPT(L.LightningModule):
         # compiled forward kept outside the module tree so state_dict keys stay plain
         self._fwd: list[Callable] = [torch.compile(self.model) if compile else self.model]
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self._fwd[0](idx)
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        if segments is None:
+            return self._fwd[0](idx)
+        return self._fwd[0](idx, segments=segments)
 
     def _loss(self, batch) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
+        x, y, *seg = batch  # packed fine-tuning rows also carry per-token example ids
+        logits = self(x, seg[0] if seg else None)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE)
 
     def training_step(self, batch, batch_idx):
@@ -326,16 +328,23 @@ class RowsDataModule(_StepDataModule):
         return self.val_batches > 0 and bool(self.val_rows)
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, labels) rows -> right-padded x, y shifted by one; padding gets label -100."""
-    T = max(len(ids) for ids, _ in rows) - 1
+def collate(rows: list[tuple], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(ids, labels) rows -> right-padded x, y shifted by one; padding gets label -100.
+
+    Packed rows (ids, labels, segments) also give the inputs' segment ids (padding: -1, a
+    segment of its own, so no real token attends to it)."""
+    T = max(len(r[0]) for r in rows) - 1
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for i, (ids, labels) in enumerate(rows):
+    packed = any(len(r) > 2 for r in rows)
+    seg = torch.full((len(rows), T), -1, dtype=torch.long) if packed else None
+    for i, (ids, labels, *rest) in enumerate(rows):
         n = len(ids) - 1
         x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
         y[i, :n] = torch.tensor(labels[1:], dtype=torch.long)
-    return x, y
+        if seg is not None:
+            seg[i, :n] = torch.tensor(rest[0][:-1] if rest else [0] * n, dtype=torch.long)
+    return (x, y) if seg is None else (x, y, seg)
 
 
 class RowBatches(Dataset):
