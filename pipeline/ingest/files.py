@@ -64,7 +64,8 @@ def resolve_files(paths: list[str]) -> list[Path]:
         else:
             raise PipelineError(f"input path not found: {raw}")
         for c in candidates:
-            found = sorted(p for p in c.rglob("*") if p.is_file()) if c.is_dir() else [c]
+            # a dangling link is listed too, so that it is reported rather than silently missed
+            found = sorted(p for p in c.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())) if c.is_dir() else [c]
             for f in found:
                 if f not in seen:
                     seen.add(f)
