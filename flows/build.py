@@ -1,7 +1,8 @@
 """Prefect flow `build-model`: the stages as tasks, each publishing its summary as an artifact.
 
 Wiring only: every task calls `pipeline.runner.run_stage`, the same entry point as the CLI
-and dvc.yaml.
+and dvc.yaml. The flow holds the workspace lock of `paths.root` from planning to the last
+`dvc commit`, so two runs on one workspace never interleave (see pipeline/lock.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import runner
+from pipeline.lock import workspace_lock
 
 # network stages retry; training resumes from its last checkpoint when retried
 RETRIES = {"ingest": 2, "pretrain": 1, "finetune": 1}
+# seconds before a task is cancelled (a hung crawl or a wedged training run must not block
+# the schedule forever); `timeouts` overrides per stage, 0 or None means no limit
+TIMEOUTS = {"ingest": 3 * 3600, "clean": 3 * 3600, "tokenizer": 3600, "shard": 3 * 3600,
+            "pretrain": 48 * 3600, "finetune": 24 * 3600, "eval": 3 * 3600}
 
 
 @task(cache_policy=NO_CACHE, retry_delay_seconds=10)
-def stage_task(stage: str, overrides: list[str]) -> dict:
-    summary = runner.run_stage(stage, overrides)
+def stage_task(stage: str, overrides: list[str], timeout: float | None = None) -> dict:
+    summary = runner.run_stage(stage, overrides, timeout=timeout)
     create_markdown_artifact(
         key=f"{stage}-summary", markdown=runner.summary_markdown(summary), description=f"{stage} stage summary"
     )
@@ -32,15 +38,35 @@ def stage_task(stage: str, overrides: list[str]) -> dict:
 
 
 @flow(name="build-model")
-def build_model(overrides: list[str] | None = None, stages: list[str] | None = None) -> dict:
-    """Run the pipeline; in a DVC repo without overrides, only stale stages (then `dvc commit`)."""
+def build_model(
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    timeouts: dict[str, float] | None = None,
+    lock_wait: float | None = None,
+) -> dict:
+    """Run the pipeline; in a DVC repo without overrides, only stale stages (then `dvc commit`).
+
+    `overrides`: Hydra overrides (a run with overrides never touches dvc.lock). `stages`: a
+    subset to run. `force`: run the requested stages even when DVC says they are up to date
+    (an incremental crawl re-fetches the site). `lock_wait`: seconds to wait for another run
+    on the same workspace (default $PIPELINE_LOCK_WAIT, else fail at once).
+    """
+    from pipeline.config import load
+
     overrides = list(overrides or [])
+    limits = {**TIMEOUTS, **(timeouts or {})}
     logger = get_run_logger()
-    todo, record = runner.plan(stages, overrides)
-    logger.info("stages to run: %s%s", todo or "none (up to date)", " (recorded in dvc.lock)" if record else "")
-    results = {}
-    for stage in todo:
-        results[stage] = stage_task.with_options(name=stage, retries=RETRIES.get(stage, 0))(stage, overrides)
-        if record:
-            runner.dvc_commit(stage)
+    root = load(overrides).paths.root
+    with workspace_lock(root, wait=lock_wait, what="flow build-model"):
+        todo, record = runner.plan(stages, overrides, force=force)
+        logger.info("stages to run: %s%s", todo or "none (up to date)", " (recorded in dvc.lock)" if record else "")
+        results = {}
+        for stage in todo:
+            limit = limits.get(stage) or None
+            results[stage] = stage_task.with_options(
+                name=stage, retries=RETRIES.get(stage, 0), timeout_seconds=limit
+            )(stage, overrides, limit)
+            if record:
+                runner.dvc_commit(stage)
     return results

@@ -51,9 +51,12 @@ def _usage() -> str:
         "",
         "other commands:",
         "  run        run every stage in order through the Prefect flow `build-model`",
+        "  shard --verify  check every token file against data/shards/index.json (exit 1 if any is corrupt)",
         "  generate   sample text, streamed: generate --prompt \"...\" [--max-new-tokens N] [--temperature T]",
         "             [--top-k K] [--top-p P] [--seed S] [--no-cache] [--model pretrain|finetune] | generate --chat",
         "  export     write a transformers directory: export [--model latest|pretrain|finetune] [--out DIR]",
+        "  exp        a DVC experiment with Hydra overrides written into conf/: exp clean.min_words=30 [--name N]",
+        "  lineage    where a document id, shard file or checkpoint came from and what it fed: lineage <id|path>",
         "",
         "config groups (select with group=option, e.g. source=files):",
     ]
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if any(a in ("-h", "--help") for a in rest) and command != "generate":
+    if any(a in ("-h", "--help") for a in rest) and command not in ("generate", "exp", "lineage"):
         print(_usage())
         return 0
     try:
@@ -158,9 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         from omegaconf.errors import OmegaConfBaseException
 
         try:
+            if command == "shard" and "--verify" in rest:
+                from pipeline.shard import verify_command
+
+                return verify_command(_load([a for a in rest if a != "--verify"]))
             if command in STAGE_MODULES:
                 cfg = _load(rest)
-                summary = stage_module(command).run(cfg)
+                from pipeline.lock import workspace_lock
+
+                with workspace_lock(cfg.paths.root, what=f"stage {command}"):
+                    summary = stage_module(command).run(cfg)
                 print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "inputs")}, default=str))
                 return 0
             if command == "run":
@@ -173,8 +183,17 @@ def main(argv: list[str] | None = None) -> int:
                 return _generate(rest)
             if command == "export":
                 return _export(rest)
+            if command == "exp":
+                from pipeline.experiments import main as exp_main
+
+                return exp_main(rest)
+            if command == "lineage":
+                from pipeline.lineage import main as lineage_main
+
+                return lineage_main(rest)
             raise PipelineError(
-                f"unknown stage or command {command!r}; expected one of: {', '.join([*STAGES, 'run', 'generate'])}"
+                f"unknown stage or command {command!r}; expected one of: "
+                f"{', '.join([*STAGES, 'run', 'generate', 'exp', 'lineage'])}"
             )
         except (HydraException, OmegaConfBaseException) as e:
             raise PipelineError(f"config error: {_one_line(e)}") from e

@@ -1,6 +1,9 @@
 """Fan-out over shards: local processes by default, Dask or Ray when configured.
 
-Results come back in input order whatever the backend, so outputs are deterministic.
+Results come back in input order whatever the backend, so outputs are deterministic: each
+task writes its own piece under the stage's temp dir and returns a small summary, and the
+stage assembles the pieces in shard order (a cluster therefore needs the same filesystem
+for `paths.root` on every worker).
 """
 
 from __future__ import annotations
@@ -22,12 +25,7 @@ def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg) ->
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
             return list(pool.map(fn, items))
     if kind == "dask":
-        try:
-            from dask.distributed import Client
-        except ImportError as e:  # pragma: no cover - optional extra
-            raise PipelineError("executor=dask needs `pip install 'pipeline[dask]'`") from e
-        with Client(executor_cfg.get("address")) as client:
-            return client.gather(client.map(fn, items, pure=False))
+        return _dask_map(fn, items, executor_cfg)
     if kind == "ray":
         try:
             import ray
@@ -37,3 +35,32 @@ def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg) ->
         remote = ray.remote(fn)
         return ray.get([remote.remote(x) for x in items])
     raise PipelineError(f"unknown executor kind {kind!r} (expected local, dask or ray)")
+
+
+def _dask_map(fn: Callable[[Any], Any], items: list[Any], executor_cfg) -> list[Any]:
+    """`client.map` over the items on the cluster at `address`, or on a LocalCluster of
+    `workers` single-threaded processes when there is none (tests, one big machine)."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as e:
+        raise PipelineError("executor=dask needs dask.distributed: pip install -e '.[dask]'") from e
+    if not items:
+        return []
+    address = executor_cfg.get("address")
+    if address:
+        try:
+            client = Client(str(address), timeout=float(executor_cfg.get("connect_timeout", 30)))
+        except OSError as e:
+            raise PipelineError(f"executor=dask: no Dask scheduler at {address}: {e}") from e
+        with client:
+            return _gather(client, fn, items)
+    workers = max(1, min(int(executor_cfg.get("workers", 2) or 1), len(items)))
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            return _gather(client, fn, items)
+
+
+def _gather(client, fn, items):
+    # pure=False: a task writes files, so equal inputs must still run (and run again on retry)
+    futures = client.map(fn, items, pure=False, key=[f"{getattr(fn, '__name__', 'task')}-{i}" for i in range(len(items))])
+    return client.gather(futures)

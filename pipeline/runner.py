@@ -8,6 +8,9 @@ re-execute the command line, which must never be a Prefect worker.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 from pipeline import STAGES
 from pipeline.artifacts import SUMMARY, read_json
 from pipeline.errors import PipelineError
+from pipeline.lock import child_env, workspace_lock
 
 SUBPROCESS_STAGES = {"pretrain", "finetune"}
 OUTPUT_PATH_KEY = {
@@ -23,18 +27,69 @@ OUTPUT_PATH_KEY = {
 }
 
 
-def run_stage(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Run one stage with the given Hydra overrides and return its summary."""
+def run_stage(stage: str, overrides: list[str] | tuple[str, ...] = (), timeout: float | None = None) -> dict:
+    """Run one stage with the given Hydra overrides and return its summary.
+
+    Holds the workspace lock of `paths.root` (re-entrant: the flow already holds it).
+    Training stages run as a subprocess (`launch_command`), killed after `timeout` seconds.
+    """
     from pipeline.cli import stage_module
     from pipeline.config import load
 
     cfg = load(overrides)
-    if stage in SUBPROCESS_STAGES:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", stage, *overrides])
-        if proc.returncode != 0:
-            raise PipelineError(f"stage {stage} failed (exit {proc.returncode})")
-        return read_json(Path(cfg.paths[OUTPUT_PATH_KEY[stage]]) / SUMMARY)
-    return stage_module(stage).run(cfg)
+    with workspace_lock(cfg.paths.root, what=f"stage {stage}"):
+        if stage in SUBPROCESS_STAGES:
+            cmd = launch_command(cfg, stage, list(overrides))
+            try:
+                proc = subprocess.run(cmd, env=child_env(cfg.paths.root), timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise PipelineError(f"stage {stage} timed out after {timeout:.0f}s: {shlex.join(cmd)}") from None
+            if proc.returncode != 0:
+                raise PipelineError(f"stage {stage} failed (exit {proc.returncode}): {shlex.join(cmd)}")
+            return read_json(Path(cfg.paths[OUTPUT_PATH_KEY[stage]]) / SUMMARY)
+        return stage_module(stage).run(cfg)
+
+
+def launch_command(cfg, stage: str, overrides: list[str], environ: dict | None = None) -> list[str]:
+    """The command line that runs a training stage: plain python, `torchrun` or `srun`.
+
+    `executor.launcher` picks it; `auto` uses `srun` inside a SLURM allocation when the stage
+    wants several nodes (srun starts one task per GPU on every node and Lightning reads the
+    SLURM variables), `torchrun` when it wants several nodes elsewhere (started on this
+    node; every other node runs the same command with its own NODE_RANK), and a plain
+    subprocess otherwise. DDP launchers re-execute the command line, which is why this is
+    never the Prefect worker process itself.
+    """
+    environ = os.environ if environ is None else environ
+    tc = cfg.get(stage) or {}
+    ex = cfg.get("executor") or {}
+    nodes = int(tc.get("num_nodes", 1) or 1)
+    launcher = str(ex.get("launcher", "auto") or "auto")
+    if launcher == "auto":
+        launcher = ("srun" if "SLURM_JOB_ID" in environ else "torchrun") if nodes > 1 else "python"
+    module = ["-m", "pipeline", stage, *overrides]
+    if launcher == "python":
+        return [sys.executable, *module]
+    devices = tc.get("devices", 1)
+    per_node = int(devices) if str(devices).lstrip("-").isdigit() and int(devices) > 0 else None
+    if launcher == "torchrun":
+        if per_node is None:  # devices: -1 / auto = every GPU of the node
+            per_node_arg = "gpu" if str(tc.get("accelerator", "")) in ("gpu", "cuda") else "1"
+        else:
+            per_node_arg = str(per_node)
+        endpoint = ex.get("rdzv_endpoint") or (
+            f"{environ.get('MASTER_ADDR', '127.0.0.1')}:{environ.get('MASTER_PORT', '29500')}"
+        )
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        return [
+            torchrun, f"--nnodes={nodes}", f"--nproc-per-node={per_node_arg}",
+            f"--node-rank={environ.get('NODE_RANK', '0')}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={ex.get('rdzv_id') or 'pipeline-' + stage}", *module,
+        ]
+    if launcher == "srun":
+        tasks = [f"--ntasks-per-node={per_node}"] if per_node else []
+        return ["srun", f"--nodes={nodes}", *tasks, *shlex.split(str(ex.get("srun_args") or "")), sys.executable, *module]
+    raise PipelineError(f"unknown executor.launcher {launcher!r} (expected auto, python, torchrun or srun)")
 
 
 def in_dvc_repo(cwd: Path | None = None) -> bool:
@@ -67,11 +122,13 @@ def dvc_commit(stage: str, cwd: Path | None = None) -> None:
         raise PipelineError(f"dvc commit {stage} failed: {proc.stderr.strip()}")
 
 
-def plan(stages: list[str] | None, overrides: list[str]) -> tuple[list[str], bool]:
+def plan(stages: list[str] | None, overrides: list[str], force: bool = False) -> tuple[list[str], bool]:
     """Which stages to run, and whether to record them in DVC.
 
     In a DVC repo with no overrides only stale stages run and each is committed; overrides
     make the run differ from conf/, so everything requested runs and dvc.lock is untouched.
+    `force` runs every requested stage (still committed when there are no overrides: the
+    outputs come from conf/ as it is, e.g. a re-crawl of a site that changed).
     """
     requested = list(stages or STAGES)
     unknown = [s for s in requested if s not in STAGES]
@@ -79,7 +136,7 @@ def plan(stages: list[str] | None, overrides: list[str]) -> tuple[list[str], boo
         raise PipelineError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
     requested = [s for s in STAGES if s in requested]
     if in_dvc_repo() and not overrides:
-        return dvc_stale(requested), True
+        return (requested if force else dvc_stale(requested)), True
     return requested, False
 
 

@@ -60,3 +60,134 @@ def test_prefect_yaml_has_a_scheduled_deployment_of_the_flow():
     from prefect.client.schemas.schedules import CronSchedule
 
     CronSchedule(cron=dep["schedules"][0]["cron"])  # parses
+
+
+def test_task_timeout_fails_the_flow_with_a_clear_state(prefect_server, clean_corpus):
+    from flows.build import build_model
+
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        build_model(overrides=[f"paths.root={clean_corpus}", "tokenizer.vocab_size=512"], stages=["tokenizer"],
+                    timeouts={"tokenizer": 0.001})
+
+
+# ------------------------------------------------------------------ workspace lock
+
+HOLD = """
+import sys, time
+from pipeline.lock import workspace_lock
+with workspace_lock(sys.argv[1], what="test holder"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(root, seconds):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_on_a_locked_workspace_fails_with_the_holder_named(clean_corpus):
+    from tests.conftest import run_cli
+
+    holder = _hold(clean_corpus, 60)
+    try:
+        proc = run_cli("tokenizer", f"paths.root={clean_corpus}", "tokenizer.vocab_size=512",
+                       env={"PIPELINE_LOCK_WAIT": "0"})
+        assert proc.returncode == 2, proc.stderr
+        assert f"pid {holder.pid}" in proc.stderr and "test holder" in proc.stderr, proc.stderr
+        assert "PIPELINE_LOCK_WAIT" in proc.stderr
+        assert not (clean_corpus / "data" / "tokenizer").exists()  # nothing was started
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_run_waits_for_the_lock_when_asked(clean_corpus):
+    import time
+
+    from tests.conftest import run_cli
+
+    holder = _hold(clean_corpus, 3)
+    try:
+        start = time.monotonic()
+        proc = run_cli("tokenizer", f"paths.root={clean_corpus}", "tokenizer.vocab_size=512",
+                       env={"PIPELINE_LOCK_WAIT": "120"})
+        assert proc.returncode == 0, proc.stderr
+        assert "waiting up to 120s" in proc.stderr
+        assert holder.wait(timeout=5) == 0  # the holder finished first
+        assert time.monotonic() - start >= 2
+        assert (clean_corpus / "data" / "tokenizer" / "tokenizer.json").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_is_reentrant_and_released_when_the_holder_dies(tmp_path):
+    from pipeline.lock import WorkspaceLocked, workspace_lock
+
+    with workspace_lock(tmp_path):
+        with workspace_lock(tmp_path):  # the flow holds it while its tasks run stages
+            pass
+    holder = _hold(tmp_path, 60)
+    with pytest.raises(WorkspaceLocked, match="in use by pid"):
+        with workspace_lock(tmp_path, wait=0.5):
+            pass
+    holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+    holder.wait()
+    with workspace_lock(tmp_path, wait=0):
+        pass
+
+
+# ------------------------------------------------------------------ training launchers
+
+def _cfg(*extra):
+    from pipeline.config import load
+
+    return load(["paths.root=/tmp/x", *extra])
+
+
+def test_training_runs_as_plain_python_on_one_node():
+    import sys
+
+    cmd = __import__("pipeline.runner", fromlist=["x"]).launch_command(_cfg(), "pretrain", ["seed=3"])
+    assert cmd == [sys.executable, "-m", "pipeline", "pretrain", "seed=3"]
+
+
+def test_multi_node_training_uses_torchrun_or_srun():
+    from pipeline.runner import launch_command
+
+    cfg = _cfg("pretrain=multi_node", "pretrain.num_nodes=2", "pretrain.devices=4")
+    env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "NODE_RANK": "1"}
+    cmd = launch_command(cfg, "pretrain", ["pretrain=multi_node"], environ=env)
+    assert Path(cmd[0]).name == "torchrun"
+    assert cmd[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--node-rank=1", "--rdzv-backend=c10d",
+                        "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=pipeline-pretrain"]
+    assert cmd[-4:] == ["-m", "pipeline", "pretrain", "pretrain=multi_node"]
+    # devices: -1 (the multi_node default) = every GPU of the node
+    assert "--nproc-per-node=gpu" in launch_command(_cfg("pretrain=multi_node"), "pretrain", [], environ={})
+
+    slurm = launch_command(cfg, "pretrain", ["pretrain=multi_node"], environ={"SLURM_JOB_ID": "7"})
+    assert slurm[:3] == ["srun", "--nodes=2", "--ntasks-per-node=4"]
+    assert slurm[-4:] == ["-m", "pipeline", "pretrain", "pretrain=multi_node"]
+    forced = launch_command(_cfg("executor.launcher=srun", "executor.srun_args='--gpus-per-node=4'"), "pretrain", [],
+                            environ={})
+    assert forced[:3] == ["srun", "--nodes=1", "--ntasks-per-node=1"] and "--gpus-per-node=4" in forced
+
+
+def test_plan_force_runs_requested_stages_even_when_up_to_date(monkeypatch, tmp_path):
+    from pipeline import runner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setattr(runner, "dvc_stale", lambda requested, cwd=None: [])
+    assert runner.plan(["clean", "ingest"], []) == ([], True)
+    assert runner.plan(["clean", "ingest"], [], force=True) == (["ingest", "clean"], True)
+    assert runner.plan(["clean"], ["seed=1"]) == (["clean"], False)
