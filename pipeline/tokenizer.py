@@ -306,22 +306,47 @@ def fast_encoder(tok: Tokenizer) -> tuple[FastEncoder | None, str]:
 # ---------------------------------------------------------------- training sample
 
 
+def valid_id(doc_id) -> bool:
+    """Document ids are hex content hashes; the split and sample keys need at least 16 digits."""
+    if not isinstance(doc_id, str) or len(doc_id) < 16:
+        return False
+    try:
+        int(doc_id[:16], 16)
+    except ValueError:
+        return False
+    return True
+
+
 def _sample_key(seed: int, doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
 
 
-def _train_ids_and_sizes(clean_dir: Path, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample keys and UTF-8 sizes of the training documents (text is read, never kept)."""
-    keys, sizes = [], []
+def _rows(files: Path | Sequence[Path]) -> Iterator[dict]:
+    for f in [files] if isinstance(files, (str, Path)) else files:
+        yield from iter_rows(f, columns=["id", "text"])
+
+
+def _train_ids_and_sizes(clean_dir: Path, val_fraction: float, seed: int):
+    """Sample keys and UTF-8 sizes of the training documents (text is read, never kept),
+    the readable shards, and the unreadable ones (named, counted, skipped)."""
+    keys, sizes, good, bad = [], [], [], []
     for f in parquet_files(clean_dir):
-        for batch in pq.ParquetFile(f).iter_batches(columns=["id", "text"], batch_size=2048):
-            lengths = pc.binary_length(batch.column(1)).to_pylist()
-            for doc_id, n in zip(batch.column(0).to_pylist(), lengths):
-                if doc_id is None or n is None or is_val(doc_id, val_fraction):
-                    continue
-                keys.append(_sample_key(seed, doc_id))
-                sizes.append(n)
-    return np.asarray(keys, dtype=np.uint64), np.asarray(sizes, dtype=np.int64)
+        k0 = len(keys)
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["id", "text"], batch_size=2048):
+                lengths = pc.binary_length(batch.column(1)).to_pylist()
+                for doc_id, n in zip(batch.column(0).to_pylist(), lengths):
+                    if n is None or not valid_id(doc_id) or is_val(doc_id, val_fraction):
+                        continue
+                    keys.append(_sample_key(seed, doc_id))
+                    sizes.append(n)
+        except (OSError, ValueError, KeyError) as e:  # unreadable or malformed Parquet
+            del keys[k0:], sizes[k0:]
+            bad.append(f"{f.name}: {type(e).__name__}: {e}")
+            log.warning("skipped unreadable clean shard %s", bad[-1])
+            continue
+        good.append(f)
+    return np.asarray(keys, dtype=np.uint64), np.asarray(sizes, dtype=np.int64), good, bad
 
 
 def sample_threshold(keys: np.ndarray, sizes: np.ndarray, max_bytes: int) -> int | None:
@@ -334,11 +359,11 @@ def sample_threshold(keys: np.ndarray, sizes: np.ndarray, max_bytes: int) -> int
     return int(keys[order[n - 1]])
 
 
-def train_texts(clean_dir: Path, val_fraction: float, seed: int, threshold: int | None, seen: dict) -> Iterator[str]:
+def train_texts(files, val_fraction: float, seed: int, threshold: int | None, seen: dict) -> Iterator[str]:
     """The training sample, streamed in shard order: training documents whose key <= threshold."""
-    for row in iter_rows(clean_dir, columns=["id", "text"]):
+    for row in _rows(files):
         doc_id, text = row["id"], row["text"]
-        if doc_id is None or text is None or is_val(doc_id, val_fraction):
+        if text is None or not valid_id(doc_id) or is_val(doc_id, val_fraction):
             continue
         if threshold is not None and _sample_key(seed, doc_id) > threshold:
             continue
@@ -347,11 +372,13 @@ def train_texts(clean_dir: Path, val_fraction: float, seed: int, threshold: int 
         yield text
 
 
-def training_sample(cfg) -> tuple[Path, int | None, dict]:
-    """(clean dir, sample threshold, plan) for the stage's config; benchmarks reuse it."""
+def training_sample(cfg) -> tuple[list[Path], int | None, dict]:
+    """(readable clean shards, sample threshold, plan) for the stage's config; benchmarks reuse it."""
     clean_dir = require_dir(cfg.paths.clean, "clean documents", "clean")
     seed = int(cfg.tokenizer.get("sample_seed", cfg.get("seed", 0)))
-    keys, sizes = _train_ids_and_sizes(clean_dir, float(cfg.shard.val_fraction), seed)
+    keys, sizes, files, bad = _train_ids_and_sizes(clean_dir, float(cfg.shard.val_fraction), seed)
+    if not files:
+        raise PipelineError(f"no readable clean shards (*.parquet) in {clean_dir}" + (f": {bad[0]}" if bad else ""))
     threshold = sample_threshold(keys, sizes, int(cfg.tokenizer.max_train_bytes))
     plan = {
         "rule": "training documents (not is_val) whose blake2b-64(f'{seed}:{doc_id}') is among the smallest "
@@ -360,8 +387,9 @@ def training_sample(cfg) -> tuple[Path, int | None, dict]:
         "max_train_bytes": int(cfg.tokenizer.max_train_bytes),
         "available_docs": int(len(keys)),
         "available_bytes": int(sizes.sum()),
+        "bad_files": bad,
     }
-    return clean_dir, threshold, plan
+    return files, threshold, plan
 
 
 # ---------------------------------------------------------------- stats
@@ -411,7 +439,7 @@ def _measure(texts: list[str], ids: list[np.ndarray], gpt2) -> dict:
     return out
 
 
-def compute_stats(tok: Tokenizer, cfg, clean_dir: Path) -> dict:
+def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     """Bytes per token on the validation split, overall and per language, plus checks."""
     fast, why = fast_encoder(tok)
     encode = fast.encode if fast is not None else (lambda ts: [np.asarray(i) for i in encode_plain(tok, ts)])
@@ -419,8 +447,8 @@ def compute_stats(tok: Tokenizer, cfg, clean_dir: Path) -> dict:
     cap = int(cfg.tokenizer.get("stats_max_bytes", 20_000_000))
     val_fraction = float(cfg.shard.val_fraction)
     texts, total = [], 0
-    for row in iter_rows(clean_dir, columns=["id", "text"]):
-        if row["id"] is None or row["text"] is None or not is_val(row["id"], val_fraction):
+    for row in _rows(files):
+        if row["text"] is None or not valid_id(row["id"]) or not is_val(row["id"], val_fraction):
             continue
         if total >= cap:
             break
@@ -506,11 +534,12 @@ def tokenizer_config(tok: Tokenizer) -> dict:
 
 def run(cfg) -> dict:
     timer = Timer()
-    clean_dir, threshold, plan = training_sample(cfg)
+    files, threshold, plan = training_sample(cfg)
+    clean_dir = Path(cfg.paths.clean)
     seen = {"docs": 0, "bytes": 0}
     tok, trainer = build(cfg.tokenizer)
     seed, val_fraction = plan["seed"], float(cfg.shard.val_fraction)
-    tok.train_from_iterator(train_texts(clean_dir, val_fraction, seed, threshold, seen), trainer=trainer)
+    tok.train_from_iterator(train_texts(files, val_fraction, seed, threshold, seen), trainer=trainer)
     if seen["docs"] == 0:
         raise PipelineError(f"no training documents in {clean_dir} (all held out or empty)")
     train_seconds = timer.seconds
@@ -521,7 +550,7 @@ def run(cfg) -> dict:
         "train_docs": seen["docs"],
         "train_bytes": seen["bytes"],
         "train_sample": plan,
-        **compute_stats(tok, cfg, clean_dir),
+        **compute_stats(tok, cfg, files),
     }
     out = Path(cfg.paths.tokenizer)
     with atomic_dir(out) as tmp:
@@ -531,6 +560,7 @@ def run(cfg) -> dict:
         summary = write_summary(
             tmp, "tokenizer", cfg, {"clean": clean_dir}, timer,
             tokenizer_sha256=sha256_file(tmp / "tokenizer.json"), train_seconds=train_seconds,
+            bad_files=plan["bad_files"],
             **{k: v for k, v in stats.items() if k not in ("per_language", "val", "train_sample")},
         )
     return summary
