@@ -137,7 +137,9 @@ def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Rec
         pos = 0
         while pos < size:
             fh.seek(pos)
-            it = ArchiveIterator(fh)
+            # no_record_parse: HTTP headers are parsed only for the records we keep (_record),
+            # not for every request/metadata record as warcio would by default
+            it = ArchiveIterator(fh, no_record_parse=True)
             try:
                 for rec in it:
                     yield _record(it, rec, max_payload, wanted)
@@ -176,14 +178,21 @@ def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Rec
     rec_type = rec.rec_type
     status = None
     ctype = h.get_header("Content-Type") or ""
-    if rec.http_headers is not None and rec_type in ("response", "revisit"):
-        try:
-            status = int(rec.http_headers.get_statuscode())
-        except (TypeError, ValueError):
-            status = None
-        ctype = rec.http_headers.get_header("Content-Type") or ""
     payload = None
     length = rec.length or 0
+    if rec_type == "response" and rec_type in wanted:
+        uri = h.get_header("WARC-Target-URI") or ""
+        try:
+            rec.http_headers = it.loader.load_http_headers(rec_type, uri, rec.raw_stream, rec.length)
+        except (EOFError, ValueError) as e:
+            raise _Damaged("malformed_record", start, f"bad HTTP headers in response record ({e})") from e
+        if rec.http_headers is not None:
+            try:
+                status = int(rec.http_headers.get_statuscode())
+            except (TypeError, ValueError):
+                status = None
+            ctype = rec.http_headers.get_header("Content-Type") or ""
+            length = getattr(rec.raw_stream, "limit", length)  # what is left after the headers
     if rec_type in wanted and length <= max_payload:
         payload = rec.content_stream().read()
         length = len(payload)
