@@ -59,6 +59,11 @@ class CrawlState:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         self.run = int(meta.get("run", 0))
         self.resumed = meta.get("status") == "running" and meta.get("fingerprint") == fingerprint
+        if self.resumed and not self._left_to_do():
+            # it crawled everything and produced nothing (e.g. the site was down): start over
+            log.info("crawl state %s: unfinished run %s had nothing left to resume; starting afresh", self.path,
+                     meta.get("run"))
+            self.resumed = False
         if meta.get("status") == "running" and not self.resumed:
             log.warning("crawl state %s: unfinished run was for another configuration; starting afresh", self.path)
         if self.resumed:
@@ -83,6 +88,11 @@ class CrawlState:
                 self._set("status", "running")
                 self._set("fingerprint", fingerprint)
         self.fresh_run = not self.resumed
+
+    def _left_to_do(self) -> bool:
+        queued = self.db.execute("SELECT 1 FROM frontier WHERE status = 'queued' LIMIT 1").fetchone()
+        docs = self.db.execute("SELECT 1 FROM docs LIMIT 1").fetchone()
+        return bool(queued or docs)
 
     # ------------------------------------------------------------ transactions
 
