@@ -403,3 +403,31 @@ def test_killed_crawl_resumes_without_refetching(tmp_path, make_site):
     with open(summary["warc_file"], "rb") as f:
         uris = [r.rec_headers.get_header("WARC-Target-URI") for r in ArchiveIterator(f) if r.rec_type == "response"]
     assert sorted(uris) == sorted(set(uris)) and len([u for u in uris if u.endswith(".html")]) == 24
+
+
+def test_robots_rfc9309_redirects_and_server_errors(tmp_path, make_site):
+    site = make_site()
+    site.fixed("/robots.txt", 301, {"Location": "/real-robots.txt"})
+    site.fixed("/real-robots.txt", 200, {"Content-Type": "text/plain"}, b"User-agent: *\nDisallow: /no\n")
+    site.html("/", page("/yes.html", "/no.html"))
+    site.html("/yes.html", page(body="yes"))
+    summary = ingest.run(crawl_cfg(tmp_path / "a", site))
+    assert summary["statuses"] == {"fetched": 2, "robots_disallowed": 1}
+    assert summary["robots"][site.base] == "parsed"
+    # a failing robots.txt means "disallow everything" until it answers
+    down = make_site()
+    down.fixed("/robots.txt", 503, {"Content-Type": "text/plain"}, b"busy")
+    down.html("/", page(body="hidden"))
+    with pytest.raises(Exception, match=r"robots_disallowed=1"):
+        ingest.run(crawl_cfg(tmp_path / "b", down, "source.retries=0"))
+    assert down.requested() == ["/robots.txt"]
+
+
+def test_failed_run_with_nothing_to_resume_starts_afresh(tmp_path, make_site):
+    site = make_site()
+    site.fixed("/", 500, {"Content-Type": "text/html"}, b"down")
+    with pytest.raises(Exception, match=r"error_http_500=1"):
+        ingest.run(crawl_cfg(tmp_path, site, "source.retries=0"))
+    site.html("/", page(body="back up"))
+    summary = ingest.run(crawl_cfg(tmp_path, site))
+    assert summary["resumed"] is False and summary["crawl_run"] == 2 and summary["docs_out"] == 1

@@ -67,6 +67,14 @@ def test_pydoc_crawl_rows_schema_and_urls(pydoc_runs):
     assert summary["robots"]["pydoc://"].startswith("allow-all")  # pydoc answers robots.txt with HTML
     assert summary["bytes_fetched"] > 10_000
     assert not any("topics" in u or "keywords" in u for u in urls)
+    # every response is archived beside data/raw, with the real (port-bearing) URIs
+    from warcio.archiveiterator import ArchiveIterator
+
+    warcs = sorted((root / "data" / "warc" / "pydoc_site").glob("pydoc_site-*.warc.gz"))
+    assert len(warcs) == 1 and summary["warc_file"] == str(warcs[0])
+    with open(warcs[0], "rb") as f:
+        uris = [r.rec_headers.get_header("WARC-Target-URI") for r in ArchiveIterator(f) if r.rec_type == "response"]
+    assert len(uris) == 12 and uris[0].startswith("http://127.0.0.1:")
 
 
 def test_pydoc_crawl_is_byte_identical(pydoc_runs):

@@ -66,7 +66,9 @@ def _archive(source, state: CrawlState, kind: str) -> WarcArchive | None:
     if state.resumed and state.warc.get("name"):
         name, end = state.warc["name"], int(state.warc.get("end", 0))
     else:
-        stamp = f"run{state.run:05d}" if state.durable else time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        now = time.time()
+        stamp = (f"run{state.run:05d}" if state.durable
+                 else time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z")
         name, end = f"{kind}-{stamp}.warc.gz", None
     info = {"software": "pipeline-crawler", "format": "WARC File Format 1.1", "source": kind}
     return WarcArchive(Path(str(warc_dir)), name, truncate_to=end, info=info)

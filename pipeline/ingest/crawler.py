@@ -39,6 +39,7 @@ from pipeline.artifacts import doc_id
 log = logging.getLogger("pipeline.ingest")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_DISALLOW_ALL = Protego.parse("User-agent: *\nDisallow: /\n")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
@@ -404,19 +405,33 @@ class Crawler:
         return robots is None or robots.can_fetch(url, self.cfg.user_agent)
 
     def _fetch_robots(self, origin: str) -> Protego | None:
-        """robots.txt as a parser, or None (allow all) when the site has no plain-text robots.txt."""
+        """robots.txt as a parser, or None (allow all), following RFC 9309.
+
+        Up to 5 redirects are followed; a 4xx (or a body that is not plain text, as pydoc's
+        HTML answer) means no rules; a 5xx, 429 or an unreachable server means disallow all,
+        since the site may be down or overloaded and we cannot know what it forbids.
+        """
         url = f"{origin}/robots.txt"
-        host = urlsplit(origin).netloc
-        self._slots.acquire(host, self.cfg.delay)
-        try:
-            r = self.client.get(url, timeout=self.cfg.timeout)
-        except httpx.HTTPError as e:
-            self.robots_note[origin] = f"allow-all ({type(e).__name__} fetching robots.txt)"
-            return None
-        finally:
-            self._slots.release(host)
+        for _ in range(6):
+            host = urlsplit(url).netloc
+            self._slots.acquire(host, self.cfg.delay)
+            try:
+                r = self.client.get(url, timeout=self.cfg.timeout)
+            except httpx.HTTPError as e:
+                self.robots_note[origin] = f"disallow-all ({type(e).__name__} fetching robots.txt)"
+                return _DISALLOW_ALL
+            finally:
+                self._slots.release(host)
+            location = r.headers.get("location")
+            if r.status_code in (301, 302, 303, 307, 308) and location:
+                url = urljoin(url, location)
+                continue
+            break
+        if r.status_code >= 500 or r.status_code == 429:
+            self.robots_note[origin] = f"disallow-all (robots.txt answered {r.status_code})"
+            return _DISALLOW_ALL
         ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-        if r.status_code != 200 or ctype != "text/plain":
+        if r.status_code != 200 or ctype not in ("text/plain", ""):
             self.robots_note[origin] = f"allow-all (robots.txt answered {r.status_code} {ctype or 'no content-type'})"
             return None
         self.robots_note[origin] = "parsed"
