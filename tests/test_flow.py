@@ -191,3 +191,27 @@ def test_plan_force_runs_requested_stages_even_when_up_to_date(monkeypatch, tmp_
     assert runner.plan(["clean", "ingest"], []) == ([], True)
     assert runner.plan(["clean", "ingest"], [], force=True) == (["ingest", "clean"], True)
     assert runner.plan(["clean"], ["seed=1"]) == (["clean"], False)
+
+
+@pytest.mark.slow
+def test_training_stage_launched_through_torchrun(tmp_path):
+    """The flow's launcher path for real: torchrun (one node, one CPU process, c10d rendezvous
+    on a free loopback port) re-executes `python -m pipeline pretrain` under the workspace lock."""
+    import json
+    import socket
+
+    from pipeline import runner
+    from pipeline.lock import workspace_lock
+    from tests.fixtures import make_project
+
+    overrides = make_project(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides += ["pretrain.max_steps=3", "pretrain.val_every=3", "executor.launcher=torchrun",
+                  f"executor.rdzv_endpoint=127.0.0.1:{port}"]
+    with workspace_lock(tmp_path):  # as in the flow: the child must not wait for its parent's lock
+        summary = runner.run_stage("pretrain", overrides, timeout=600)
+    assert summary["steps"] == 3 and summary["world_size"] == 1
+    assert (tmp_path / "models" / "pretrain" / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "models" / "pretrain" / "_summary.json").read_text())["stage"] == "pretrain"
