@@ -54,6 +54,16 @@ def _verify_pick(doc_id: str, fraction: float) -> bool:
     return fraction > 0 and int(doc_id[8:16], 16) / 0x1_0000_0000 < fraction
 
 
+def _verify_window(text: str, chars: int) -> str:
+    """The part of a document the two encoders are compared on: all of it when short, else
+    `chars` characters from its first non-ASCII one (where regex engines could disagree)."""
+    if len(text) <= chars:
+        return text
+    start = next((i for i, c in enumerate(text) if ord(c) > 127), 0)
+    start = max(0, min(start - chars // 4, len(text) - chars))
+    return text[start : start + chars]
+
+
 class _Mismatch(Exception):
     pass
 
@@ -103,12 +113,12 @@ def _encode_shard_inner(job: dict) -> dict:
                 docs.append((row, doc_id, text))
             texts = [t for _, _, t in docs]
             if fast is not None:
-                encoded = fast.encode(texts)
+                encoded = fast.encode(texts, int(job.get("threads", 1)))
                 check = [i for i, (_, d, _) in enumerate(docs) if _verify_pick(d, verify_fraction)]
                 if check:
-                    truth = encode_plain(tok, [texts[i] for i in check])
-                    for i, ids in zip(check, truth):
-                        if not np.array_equal(encoded[i], np.asarray(ids, dtype=np.uint32)):
+                    windows = [_verify_window(texts[i], int(job["verify_chars"])) for i in check]
+                    for i, w, ours, truth in zip(check, windows, fast.encode(windows), encode_plain(tok, windows)):
+                        if not np.array_equal(ours, np.asarray(truth, dtype=np.uint32)):
                             raise _Mismatch(f"{parquet} row {docs[i][0]} (id {docs[i][1]})")
                     verified += len(check)
             else:
@@ -210,10 +220,9 @@ def _merge_split(tmp: Path, work: Path, split: str, results: list[dict], itemsiz
         [np.full(len(r["docs"][split]["len"]), n, dtype=np.int64) for n, r in enumerate(results)]
         or [np.zeros(0, np.int64)]
     )
-    offsets = np.concatenate(
-        [np.concatenate([[0], np.cumsum(r["docs"][split]["len"])[:-1]]).astype(np.int64) for r in results]
-        or [np.zeros(0, np.int64)]
-    ) * itemsize
+    offsets = np.concatenate(  # byte offset of each document in its piece file
+        [np.cumsum(r["docs"][split]["len"]) - r["docs"][split]["len"] for r in results] or [np.zeros(0, np.int64)]
+    ).astype(np.int64) * itemsize
     order = np.lexsort((rows, piece, keys))
     writer = _BinWriter(tmp, split, itemsize, limit)
     fds = [os.open(work / f"{r['index']:05d}.{split}.bin", os.O_RDONLY) for r in results]
@@ -256,6 +265,12 @@ def run(cfg) -> dict:
     seed = int(sc.get("shuffle_seed", cfg.get("seed", 0)))
     shuffle = bool(sc.get("shuffle", True))
     out = Path(cfg.paths.shards)
+    shards_per_worker = 1
+    if str(cfg.executor.get("kind", "local")) == "local":
+        busy = max(1, min(int(cfg.executor.get("workers", 1) or 1), len(shards)))
+        shards_per_worker = busy
+    # cores left idle by fewer shards than workers go to tiktoken threads inside each worker
+    threads = int(sc.get("threads", 0) or 0) or max(1, (os.cpu_count() or 1) // shards_per_worker)
     with atomic_dir(out) as tmp:
         work = tmp / "_work"
         work.mkdir()
@@ -269,7 +284,9 @@ def run(cfg) -> dict:
                 "val_fraction": float(sc.val_fraction),
                 "batch_docs": int(sc.batch_docs),
                 "encoder": encoder,
-                "verify_fraction": float(sc.get("verify_fraction", 0.02)),
+                "verify_fraction": float(sc.get("verify_fraction", 0.05)),
+                "verify_chars": int(sc.get("verify_chars", 4000)),
+                "threads": threads,
                 "seed": seed,
                 "shuffle": shuffle,
             }

@@ -158,8 +158,8 @@ def test_tiktoken_mismatch_falls_back_to_tokenizers(clean_corpus, monkeypatch):
     truth = hash_tree(cfg.paths.shards)
     real = tokenizer.FastEncoder.encode
 
-    def wrong(self, texts):
-        return [np.concatenate([ids, ids[:1]]) for ids in real(self, texts)]
+    def wrong(self, texts, threads=1):
+        return [np.concatenate([ids, ids[:1]]) for ids in real(self, texts, threads)]
 
     monkeypatch.setattr(tokenizer.FastEncoder, "encode", wrong)
     summary = shard.run(cfg)
@@ -174,18 +174,25 @@ def test_documents_keep_literal_special_strings_and_bad_rows_are_counted(tmp_pat
     rows = [{"id": doc_id(t), "text": t} for t in texts]
     rows.insert(3, {"id": doc_id("x"), "text": None})
     rows.insert(5, {"id": "not-hex", "text": "hello"})
-    pq.write_table(pa.Table.from_pylist(rows), clean / "part-00000.parquet")
-    (clean / "part-00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    # the first shard holds no validation document: its empty val piece must not shift the others
+    first = [r for r in rows if r["text"] is None or r["id"] == "not-hex" or not is_val(r["id"], 0.3)][:12]
+    pq.write_table(pa.Table.from_pylist(first), clean / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([r for r in rows if r not in first]), clean / "part-00001.parquet")
+    (clean / "part-00002.parquet").write_bytes(b"PAR1 this is not parquet")
     cfg = config.load([f"paths.root={tmp_path}", "tokenizer.vocab_size=300", "shard.val_fraction=0.3"])
     tok_summary = tokenizer.run(cfg)
-    assert len(tok_summary["bad_files"]) == 1 and tok_summary["bad_files"][0].startswith("part-00001.parquet")
+    assert len(tok_summary["bad_files"]) == 1 and tok_summary["bad_files"][0].startswith("part-00002.parquet")
     summary = shard.run(cfg)
     assert summary["bad_docs"] == {"no text": 1, "bad id": 1}
-    assert len(summary["bad_files"]) == 1 and "part-00001.parquet" in summary["bad_files"][0]
+    assert len(summary["bad_files"]) == 1 and "part-00002.parquet" in summary["bad_files"][0]
     assert summary["train_docs"] + summary["val_docs"] == len(texts)
     stream = np.concatenate(shard.open_split(cfg.paths.shards, "train") + shard.open_split(cfg.paths.shards, "val"))
     assert int((stream == 0).sum()) == len(texts)  # only the boundaries, never the literal strings
     assert int((stream == 3).sum()) == 0
+    tok = tokenizer.load(cfg.paths.tokenizer)
+    for split in ("train", "val"):
+        got = [tok.decode(d.tolist()) for d in _docs_from_bin(np.concatenate(shard.open_split(cfg.paths.shards, split)), 0)]
+        assert sorted(got) == sorted(t for t in texts if is_val(doc_id(t), 0.3) == (split == "val"))
 
 
 def test_verify_names_the_corrupt_file(clean_corpus):
