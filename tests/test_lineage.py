@@ -63,6 +63,12 @@ def test_document_traced_to_its_source_filters_token_file_and_model(workspace):
     assert rep["fed"][0]["inputs"]["shards"]["matches_disk"] is True
 
 
+def test_document_found_by_url(workspace):
+    row = _clean_row(workspace, 1)
+    rep = _lineage(workspace, row["url"])
+    assert [c["id"] for c in rep["clean"]] == [row["id"]]
+
+
 def test_rejected_document_names_the_step_and_reason(workspace):
     rejected = pq.read_table(workspace / "data" / "clean" / "rejected").to_pylist()
     short = next(r for r in rejected if r["reason"] != "duplicate")
