@@ -83,9 +83,25 @@ def parse(html: str):
         return lxml.html.document_fromstring(html.encode("utf-8", "replace"))
 
 
+_LANG_ATTR = re.compile(r"<html\b[^>]*?\blang\s*=\s*[\"']?([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)*)", re.IGNORECASE)
+
+
+def lang_hint(html: str) -> str | None:
+    """The page's declared language (``<html lang="zh-CN">`` -> ``zh``), lowercased primary subtag."""
+    m = _LANG_ATTR.search(html[:4096])
+    return m.group(1).split("-")[0].split("_")[0].lower() if m else None
+
+
 def html_to_text(html: str, drop_tags=(), drop_xpath=()) -> str:
     """Plain text of an HTML document; raises lxml's ParserError on a document with no content."""
+    return extract(html, drop_tags, drop_xpath)[0]
+
+
+def extract(html: str, drop_tags=(), drop_xpath=()) -> tuple[str, str | None]:
+    """(plain text, <title>) of an HTML document; raises lxml's ParserError on one with no content."""
     root = parse(html)
+    title_el = root.find(".//title")
+    title = " ".join(title_el.text_content().split()) if title_el is not None else None
     for xp in drop_xpath:
         for el in root.xpath(xp):
             if el.getparent() is not None:
@@ -117,4 +133,4 @@ def html_to_text(html: str, drop_tags=(), drop_xpath=()) -> str:
                 if tag == "pre":
                     pre -= 1
             out.text(el.tail or "", pre > 0)
-    return out.result()
+    return out.result(), title or None
