@@ -192,3 +192,14 @@ def test_not_a_warc_file_and_empty_result(tmp_path):
         run_warc(tmp_path / "out2", junk)
     with pytest.raises(PipelineError, match="source=warc needs source.paths"):
         ingest.run(load([f"paths.root={tmp_path}", "source=warc"]))
+
+
+def test_output_does_not_depend_on_the_number_of_workers(tmp_path):
+    files = [write_warc(tmp_path / f"{i}.warc.gz", n=i + 1) for i in range(3)]
+    s1 = run_warc(tmp_path / "w1", *files, extra=("executor.workers=1", "source.rows_per_shard=4"))
+    s2 = run_warc(tmp_path / "w2", *files, extra=("executor.workers=2", "source.rows_per_shard=4"))
+    a, b = (parquet_files(tmp_path / w / "data" / "raw") for w in ("w1", "w2"))
+    assert [f.name for f in a] == [f.name for f in b] and len(a) == 5  # 4+1, 4+1, 4+... shards never span files
+    assert [f.read_bytes() for f in a] == [f.read_bytes() for f in b]
+    assert s1["statuses"] == s2["statuses"] and s1["bytes_out"] == s2["bytes_out"]
+    assert not (tmp_path / "w2" / "data" / "raw" / ".work").exists()

@@ -12,8 +12,11 @@ identical content gives identical shards.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,12 +47,27 @@ RAW_SCHEMA = pa.schema(
 MAX_EXAMPLES = 50  # problem messages kept per status in the summary
 
 
-class IngestContext:
-    """What a source reports besides its rows: per-status counts and bytes, problems, extras."""
+@dataclass
+class ShardPart:
+    """A shard a worker already wrote (RAW_SCHEMA); ingest renames it into the output in order."""
 
-    def __init__(self, kind: str, root: Path) -> None:
+    path: Path
+    rows: int
+    bytes: int
+
+
+class IngestContext:
+    """What a source reports besides its rows: per-status counts and bytes, problems, extras.
+
+    ``work_dir`` (inside the stage's temp output) and ``executor`` let a source fan out over
+    its inputs with :func:`pipeline.executor.map_ordered` and hand back :class:`ShardPart`.
+    """
+
+    def __init__(self, kind: str, root: Path, work_dir: Path | None = None, executor=None) -> None:
         self.kind = kind
         self.root = Path(root)
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.executor = executor if executor is not None else {"kind": "local", "workers": 1}
         self.docs: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
@@ -68,6 +86,14 @@ class IngestContext:
         if len(examples) < MAX_EXAMPLES:
             examples.append(message)
         log.warning("ingest: %s: %s", status, message)
+
+    def merge(self, docs: dict, nbytes: dict, examples: dict) -> None:
+        """Fold in what a worker counted."""
+        self.docs.update(docs)
+        self.bytes.update(nbytes)
+        for status, messages in examples.items():
+            kept = self.examples.setdefault(status, [])
+            kept.extend(messages[: max(0, MAX_EXAMPLES - len(kept))])
 
     def accounting(self) -> dict:
         return {
@@ -105,8 +131,10 @@ class RawShardWriter:
     WARC records per second.
     """
 
-    def __init__(self, out_dir: Path, rows_per_shard: int, max_shard_bytes: int = 0) -> None:
+    def __init__(self, out_dir: Path, rows_per_shard: int, max_shard_bytes: int = 0, prefix: str = "part") -> None:
         self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.part_bytes: list[int] = []
         self.rows_per_shard = max(1, int(rows_per_shard))
         self.max_shard_bytes = int(max_shard_bytes or 0)
         self.names = RAW_SCHEMA.names
@@ -130,13 +158,23 @@ class RawShardWriter:
     def flush(self) -> None:
         if not self.buffered_rows:
             return
-        name = f"part-{len(self.files):05d}.parquet"
+        name = f"{self.prefix}-{len(self.files):05d}.parquet"
         table = pa.Table.from_pydict(self.cols, schema=RAW_SCHEMA)
         pq.write_table(table, self.out_dir / name, compression="zstd")
         self.files.append({"name": name, "rows": self.buffered_rows})
+        self.part_bytes.append(self.buffered_bytes)
         self.rows += self.buffered_rows
         self.cols = {n: [] for n in self.names}
         self.buffered_rows = self.buffered_bytes = 0
+
+    def add_part(self, part: ShardPart) -> None:
+        """Take over a shard written elsewhere as the next one (after what is buffered)."""
+        self.flush()
+        name = f"{self.prefix}-{len(self.files):05d}.parquet"
+        os.replace(part.path, self.out_dir / name)
+        self.files.append({"name": name, "rows": part.rows})
+        self.part_bytes.append(part.bytes)
+        self.rows += part.rows
 
     def close(self) -> list[dict]:
         self.flush()
@@ -155,16 +193,21 @@ def run(cfg) -> dict:
     sources = _sources()
     if kind not in sources:
         raise PipelineError(f"source kind {kind!r} is not implemented by ingest (available: {', '.join(sources)})")
-    ctx = IngestContext(kind, Path(cfg.paths.root))
     max_shard_bytes = int(cfg.source.get("max_shard_bytes", 0) or 0)
     with atomic_dir(Path(cfg.paths.raw)) as tmp:
+        ctx = IngestContext(kind, Path(cfg.paths.root), tmp / ".work", cfg.get("executor"))
         writer = RawShardWriter(tmp, int(cfg.source.rows_per_shard), max_shard_bytes)
         bytes_out = 0
         for row in sources[kind](cfg.source, ctx):
+            if isinstance(row, ShardPart):
+                writer.add_part(row)
+                bytes_out += row.bytes
+                continue
             n = content_bytes(row)
             bytes_out += n
             writer.write(row, n)
         shards = writer.close()
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
         unchanged = ctx.docs.get("not_modified", 0) + ctx.docs.get("unchanged", 0)
         if writer.rows == 0:
             if not unchanged:

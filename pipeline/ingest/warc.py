@@ -9,6 +9,7 @@ member) is counted with its file and offset, and reading resumes at the next rec
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -43,11 +44,11 @@ def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuse
         if rec.rec_type not in DOC_RECORDS:
             ctx.count(f"skipped_{rec.rec_type}")
             continue
-        where = f"{name}@{rec.offset}"
-        mime = "text/plain" if rec.rec_type == "conversion" and not rec.content_type else _mime(rec.content_type)
+        ctype = rec.content_type
+        mime = ctype.split(";", 1)[0].strip().lower() if ctype else ("text/plain" if rec.rec_type == "conversion" else "")
         if rec.payload is None:
-            ctx.problem("skipped_too_large", f"{where}: {rec.length} bytes > max_record_bytes {max_record_bytes}",
-                        rec.length)
+            ctx.problem("skipped_too_large", f"{name}@{rec.offset}: {rec.length} bytes > max_record_bytes "
+                        f"{max_record_bytes}", rec.length)
             continue
         if rec.rec_type == "response" and rec.http_status not in statuses:
             ctx.count("skipped_http_status", rec.length)
@@ -56,10 +57,10 @@ def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuse
             ctx.count("skipped_content_type", rec.length)
             continue
         if not rec.target_uri:
-            ctx.problem("skipped_no_target_uri", f"{where}: {rec.rec_type} record without WARC-Target-URI")
+            ctx.problem("skipped_no_target_uri", f"{name}@{rec.offset}: {rec.rec_type} record without WARC-Target-URI")
             continue
         is_html = mime in HTML_TYPES
-        text, enc, replaced = decode_bytes(rec.payload, _charset(rec.content_type), html=is_html)
+        text, enc, replaced = decode_bytes(rec.payload, _charset(ctype) if ";" in ctype else None, html=is_html)
         if replaced:
             ctx.count("repaired_invalid_utf8", n=1)
         ctx.count("read", rec.length)
@@ -78,20 +79,52 @@ def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuse
         }
 
 
-def documents(source, ctx) -> Iterator[dict]:
+def ingest_file(task: dict) -> dict:
+    """One input file -> Parquet parts under the work dir, plus its counts (runs in a worker)."""
+    from pipeline.ingest import IngestContext, RawShardWriter, content_bytes
+
+    path = Path(task["path"])
+    ctx = IngestContext("warc", Path("."))
+    work = Path(task["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    writer = RawShardWriter(work, task["rows_per_shard"], task["max_shard_bytes"], prefix=f"f{task['index']:06d}")
+    ok = True
+    try:
+        for row in read_file(path, ctx, set(task["content_types"]), task["max_record_bytes"], set(task["statuses"])):
+            writer.write(row, content_bytes(row))
+    except OSError as e:
+        ctx.problem("error_unreadable", f"{path}: {e.strerror or e}")
+        ok = False
+    writer.close()
+    parts = [(str(work / f["name"]), f["rows"], b) for f, b in zip(writer.files, writer.part_bytes)]
+    return {"parts": parts, "docs": dict(ctx.docs), "bytes": dict(ctx.bytes), "examples": ctx.examples, "ok": ok}
+
+
+def documents(source, ctx) -> Iterator:
+    """Fan out over the files (``executor`` config); shards come back in file order and never
+    span two input files, so the output is the same whatever the number of workers."""
+    from pipeline.executor import map_ordered
+    from pipeline.ingest import ShardPart
+
     if OmegaConf.is_missing(source, "paths") or not source.paths:
         raise PipelineError("source=warc needs source.paths, e.g. source.paths='[/data/cc/*.warc.gz]'")
     paths = input_paths(source.paths)
     files = resolve_files(paths)
-    content_types = {str(c).lower() for c in source.content_types}
-    statuses = {int(s) for s in source.get("http_statuses", [200])}
+    common = {
+        "work": str(ctx.work_dir or Path.cwd() / ".warc-work"),
+        "content_types": sorted(str(c).lower() for c in source.content_types),
+        "statuses": sorted(int(s) for s in source.get("http_statuses", [200])),
+        "max_record_bytes": int(source.max_record_bytes),
+        "rows_per_shard": int(source.rows_per_shard),
+        "max_shard_bytes": int(source.get("max_shard_bytes", 0) or 0),
+    }
+    tasks = [{**common, "path": str(p), "index": i} for i, p in enumerate(files)]
     files_read = 0
     try:
-        for path in files:
-            try:
-                yield from read_file(path, ctx, content_types, int(source.max_record_bytes), statuses)
-                files_read += 1
-            except OSError as e:
-                ctx.problem("error_unreadable", f"{path}: {e.strerror or e}")
+        for res in map_ordered(ingest_file, tasks, ctx.executor):
+            ctx.merge(res["docs"], res["bytes"], res["examples"])
+            files_read += res["ok"]
+            for path, rows, nbytes in res["parts"]:
+                yield ShardPart(Path(path), rows, nbytes)
     finally:
         ctx.extra.update(input_paths=paths, files_found=len(files), files_read=files_read)

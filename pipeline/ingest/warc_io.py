@@ -174,38 +174,31 @@ def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Rec
     start = it.offset
     if not str(rec.format).startswith("warc"):  # warcio reads junk as an ARC record rather than fail
         raise _Damaged("malformed_record", start, f"not a WARC record (parsed as {rec.format})")
-    h = rec.rec_headers
+    h = {k.lower(): v for k, v in rec.rec_headers.headers}  # one pass instead of a scan per header
     rec_type = rec.rec_type
     status = None
-    ctype = h.get_header("Content-Type") or ""
+    ctype = h.get("content-type") or ""
+    uri = h.get("warc-target-uri")
     payload = None
     length = rec.length or 0
-    if rec_type == "response" and rec_type in wanted:
-        uri = h.get_header("WARC-Target-URI") or ""
-        try:
-            rec.http_headers = it.loader.load_http_headers(rec_type, uri, rec.raw_stream, rec.length)
-        except (EOFError, ValueError) as e:
-            raise _Damaged("malformed_record", start, f"bad HTTP headers in response record ({e})") from e
-        if rec.http_headers is not None:
+    if rec_type in wanted:
+        if rec_type == "response":
             try:
-                status = int(rec.http_headers.get_statuscode())
-            except (TypeError, ValueError):
-                status = None
-            ctype = rec.http_headers.get_header("Content-Type") or ""
-            length = getattr(rec.raw_stream, "limit", length)  # what is left after the headers
-    if rec_type in wanted and length <= max_payload:
-        payload = rec.content_stream().read()
-        length = len(payload)
-        if rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
-            raise _Damaged("truncated", start, f"record truncated ({rec.raw_stream.limit} of {rec.length} bytes missing)")
+                rec.http_headers = it.loader.load_http_headers(rec_type, uri or "", rec.raw_stream, rec.length)
+            except (EOFError, ValueError) as e:
+                raise _Damaged("malformed_record", start, f"bad HTTP headers in response record ({e})") from e
+            if rec.http_headers is not None:
+                try:
+                    status = int(rec.http_headers.get_statuscode())
+                except (TypeError, ValueError):
+                    status = None
+                ctype = rec.http_headers.get_header("Content-Type") or ""
+                length = getattr(rec.raw_stream, "limit", length)  # what is left after the headers
+        if length <= max_payload:
+            payload = rec.content_stream().read()
+            length = len(payload)
+            if rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
+                missing = rec.raw_stream.limit
+                raise _Damaged("truncated", start, f"record truncated ({missing} of {rec.length} bytes missing)")
     it.read_to_end()
-    return Record(
-        offset=it.get_record_offset(),
-        rec_type=rec_type,
-        record_id=h.get_header("WARC-Record-ID"),
-        target_uri=h.get_header("WARC-Target-URI"),
-        http_status=status,
-        content_type=ctype,
-        payload=payload,
-        length=length,
-    )
+    return Record(it.get_record_offset(), rec_type, h.get("warc-record-id"), uri, status, ctype, payload, length)
