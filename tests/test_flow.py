@@ -215,3 +215,17 @@ def test_training_stage_launched_through_torchrun(tmp_path):
     assert summary["steps"] == 3 and summary["world_size"] == 1
     assert (tmp_path / "models" / "pretrain" / "checkpoints" / "last.ckpt").is_file()
     assert json.loads((tmp_path / "models" / "pretrain" / "_summary.json").read_text())["stage"] == "pretrain"
+
+
+def test_run_on_a_locked_workspace_fails_before_any_stage(tmp_path):
+    from tests.conftest import run_cli
+
+    holder = _hold(tmp_path, 120)
+    try:
+        proc = run_cli("run", f"paths.root={tmp_path}", env={"PIPELINE_LOCK_WAIT": "0"}, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"in use by pid {holder.pid}" in proc.stderr and "flow build-model" in proc.stderr
+        assert not (tmp_path / "data").exists()
+    finally:
+        holder.kill()
+        holder.wait()
