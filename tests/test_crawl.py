@@ -431,3 +431,15 @@ def test_failed_run_with_nothing_to_resume_starts_afresh(tmp_path, make_site):
     site.html("/", page(body="back up"))
     summary = ingest.run(crawl_cfg(tmp_path, site))
     assert summary["resumed"] is False and summary["crawl_run"] == 2 and summary["docs_out"] == 1
+
+
+def test_odd_links_never_stop_the_crawl(tmp_path, make_site):
+    site = make_site()
+    site.html("/", page("http://[::1", "javascript:void(0)", "/%zz", "/unicod\u00e9.html", "http://exa mple.invalid/",
+                        f"http://127.0.0.1:{site.port}:99/x", "/ok.html"))
+    site.html("/ok.html", page(body="ok"))
+    summary = ingest.run(crawl_cfg(tmp_path, site))
+    assert summary["statuses"]["fetched"] == 2 and [r["url"] for r in rows_of(tmp_path)][-1] == f"{site.base}/ok.html"
+    # every link is accounted for: [::1 (bad URL), javascript:, two off-scope hosts, two 404s
+    assert summary["statuses"] == {"fetched": 2, "skipped_bad_url": 1, "skipped_scheme": 1, "skipped_offsite": 2,
+                                   "error_http_404": 2}

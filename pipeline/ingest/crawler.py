@@ -125,8 +125,8 @@ def extract_links(html: str, base_url: str) -> list[str]:
         if href and not href.startswith("#"):
             try:
                 links.append(urljoin(base, href))
-            except ValueError:  # e.g. an invalid IPv6 literal
-                continue
+            except ValueError:  # e.g. an invalid IPv6 literal: kept, so the crawler counts it as a bad URL
+                links.append(href)
     return links
 
 
@@ -235,7 +235,7 @@ class _GuardedBackend(httpcore.SyncBackend):
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         try:
             addr, why = self.policy.check(host, port)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise httpcore.ConnectError(f"dns: {host}: {e}") from e
         if addr is None:
             raise RefusedAddress(why)
@@ -369,7 +369,7 @@ class Crawler:
             try:
                 addr, why = self.policy.check(*key)
                 self._private_ok[key] = None if addr else "skipped_private"
-            except OSError:
+            except (OSError, ValueError):  # no answer, or a name IDNA cannot encode
                 self._private_ok[key] = "error_dns"
             if self._private_ok[key]:
                 log.info("crawl: %s: %s", key, why if self._private_ok[key] == "skipped_private" else "no DNS answer")
@@ -417,7 +417,7 @@ class Crawler:
             self._slots.acquire(host, self.cfg.delay)
             try:
                 r = self.client.get(url, timeout=self.cfg.timeout)
-            except httpx.HTTPError as e:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
                 self.robots_note[origin] = f"disallow-all ({type(e).__name__} fetching robots.txt)"
                 return _DISALLOW_ALL
             finally:
@@ -522,6 +522,8 @@ class Crawler:
             return Fetch(status="error_connect", message=str(e))
         except httpx.HTTPError as e:
             return Fetch(status=f"error_{type(e).__name__}", message=str(e))
+        except (httpx.InvalidURL, ValueError) as e:  # e.g. a URL httpx cannot encode
+            return Fetch(status="error_invalid_url", message=str(e))
 
     # ------------------------------------------------------------ processing (main thread, in order)
 
