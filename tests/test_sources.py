@@ -6,7 +6,6 @@ import json
 import socket
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

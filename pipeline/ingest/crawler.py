@@ -606,11 +606,15 @@ class Crawler:
             self.warc.write_response(url, res)
         with self.state.transaction():
             if status == "redirected":
-                target = urljoin(url, res.location) if res.location else None
-                if target is None:
-                    status = "error_redirect_without_location"
+                try:
+                    target_n = normalize_url(urljoin(url, res.location)) if res.location else None
+                except ValueError:
+                    target_n = ""
+                if target_n is None:
+                    self.state.count("error_redirect_without_location")
+                elif not target_n:
+                    self.state.count("error_bad_redirect")
                 else:
-                    target_n = normalize_url(target)
                     new_chain = (*chain, url)
                     if target_n in new_chain:
                         self.state.count("error_redirect_loop")
@@ -622,7 +626,7 @@ class Crawler:
             elif status == "not_modified":
                 links = self.state.stored_links(url)
             elif status == "fetched":
-                ctype = dict((k.lower(), v) for k, v in res.headers).get("content-type", "")
+                ctype = {k.lower(): v for k, v in res.headers}.get("content-type", "")
                 content = self._decode(res.body, res.encoding)
                 is_html = ctype.split(";")[0].strip().lower() in HTML_TYPES
                 cid = doc_id(content)

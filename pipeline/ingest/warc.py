@@ -60,7 +60,7 @@ def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuse
             ctx.problem("skipped_no_target_uri", f"{name}@{rec.offset}: {rec.rec_type} record without WARC-Target-URI")
             continue
         is_html = mime in HTML_TYPES
-        text, enc, replaced = decode_bytes(rec.payload, _charset(ctype) if ";" in ctype else None, html=is_html)
+        text, _enc, replaced = decode_bytes(rec.payload, _charset(ctype) if ";" in ctype else None, html=is_html)
         if replaced:
             ctx.count("repaired_invalid_utf8", n=1)
         ctx.count("read", rec.length)
