@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import _generate as REAL_GENERATE
 from pipeline.evaluate import _load_model as REAL_LOAD_MODEL
 from pipeline.evaluate import metrics as M
+from pipeline.evaluate import parent as P
 from pipeline.evaluate.ngram import KneserNey, stream_chunks
 from pipeline.evaluate.templates import SECTIONS
 
@@ -306,8 +307,16 @@ def eval_root(tmp_path, monkeypatch):
     overrides = [
         f"paths.root={root}", "eval.max_new_tokens=6", "eval.max_heldout_pairs=2",
         "eval.prompts=['The json module','<script>alert(1)</script>']",
+        "eval.lstm.steps=30", "eval.lstm.hidden=32", "eval.lstm.embed_dim=16", "eval.lstm.seq_len=32",
+        "eval.lstm.batch_size=8",
     ]
     return root, overrides, loaded
+
+
+def _vocab(root: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(root / "data/tokenizer/tokenizer.json")).get_vocab()
 
 
 def _run(overrides):
@@ -330,9 +339,13 @@ def test_report_from_fixtures(eval_root):
     assert summary["stage"] == "eval" and set(summary["inputs"]) == {"tokenizer", "shards", "pretrain", "finetune", "funnel"}
 
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m) == {"pretrain", "finetune", "ngram", "val_tokens", "val_bytes", "heldout_pairs", "pretrain_beats_ngram"}
-    assert set(m["pretrain"]) == set(m["finetune"]) == {"val_bpb", "val_ppl", "bleu", "rougeL"}
-    assert set(m["ngram"]) == {"val_bpb", "val_ppl"}
+    assert set(m) == {"pretrain", "finetune", "ngram", "lstm", "val_tokens", "val_bytes", "heldout_pairs",
+                      "pretrain_beats_ngram", "gate"}
+    assert set(m["pretrain"]) == set(m["finetune"]) == {"val_bpb", "val_ppl", "bleu", "rouge1", "rouge2", "rougeL"}
+    assert set(m["ngram"]) == set(m["lstm"]) == {"val_bpb", "val_ppl"}
+    assert m["gate"] == "PASSED" and summary["gate"]["reason"].startswith("no parent run")
+    # the LSTM was trained: far better than uniform over the vocabulary
+    assert m["lstm"]["val_ppl"] < 0.5 * len(_vocab(root))
     assert isinstance(m["pretrain_beats_ngram"], bool)
     assert m["pretrain_beats_ngram"] == (m["pretrain"]["val_bpb"] < m["ngram"]["val_bpb"])
     assert m["heldout_pairs"] == 2
@@ -366,6 +379,7 @@ def test_report_from_fixtures(eval_root):
     # self-contained HTML: every resource is a data: URI, nothing is fetched
     urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", page, flags=re.I)
     assert len(urls) == 3 and all(u.startswith("data:image/png;base64,") for u in urls)
+    assert "LSTM baseline (1x32" in md and 'id="gate-status">PASSED' in page
     assert "<link" not in page and "<script" not in page and "url(" not in page
     # text is escaped: the prompt and the samples contain markup
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;" in page and "<b>" not in page
@@ -390,9 +404,12 @@ def test_report_from_fixtures(eval_root):
 
 
 def test_report_is_deterministic(eval_root):
+    import shutil
+
     root, overrides, _ = eval_root
     _run(overrides)
     first = {p.name: p.read_bytes() for p in (root / "reports").rglob("*") if p.is_file() and p.name != "_summary.json"}
+    shutil.rmtree(root / "runs")  # same inputs, same (absent) parent
     _run(overrides)
     second = {p.name: p.read_bytes() for p in (root / "reports").rglob("*") if p.is_file() and p.name != "_summary.json"}
     assert first.keys() == second.keys() and first == second
@@ -457,6 +474,155 @@ def test_stage_with_the_real_transformer(eval_root, monkeypatch):
     md = (root / "reports/report.md").read_text()
     assert "pretrain: 32, finetune: 32" in md
     assert m["pretrain"]["bleu"] >= 0 and m["finetune"]["rougeL"] >= 0 and m["heldout_pairs"] == 2
-    # the real generate is deterministic: a second run writes the same report
+    # the real generate is deterministic: a second run (same, absent parent) writes the same report
+    import shutil
+
+    shutil.rmtree(root / "runs")
     _run(overrides)
     assert (root / "reports/report.md").read_text() == md
+
+
+# ------------------------------------------------------------------ ROUGE by hand
+
+
+def test_rouge_hand_computed():
+    hyp, ref = "the cat sat on the mat", "the cat is on the mat"
+    # unigrams: 5 of 6 shared (clipped "the" x2); bigrams: the-cat, on-the, the-mat = 3 of 5
+    assert M.rouge_n_f1(hyp, ref, 1) == pytest.approx(5 / 6)
+    assert M.rouge_n_f1(hyp, ref, 2) == pytest.approx(3 / 5)
+    assert M.rouge_l_f1(hyp, ref) == pytest.approx(5 / 6)  # LCS: the cat on the mat
+    assert M.rouge_n_f1("a a a", "a", 1) == pytest.approx(0.5)  # clipped: P = 1/3, R = 1
+    assert M.rouge_n_f1("x", "y", 1) == 0.0 and M.rouge_n_f1("", "y", 1) == 0.0
+    # Chinese has no spaces: characters are the tokens
+    assert M.rouge_n_f1("我爱北京", "我爱上海", 1) == pytest.approx(0.5)
+    assert M.rouge_n_f1("我爱北京", "我爱上海", 2) == pytest.approx(1 / 3)
+    assert M.rouge_n([hyp, "x"], [ref, "y"], 1) == pytest.approx(100 * (5 / 6) / 2)
+
+
+# ------------------------------------------------------------------ parent run and release gate
+
+
+def test_parent_diff_and_gate(eval_root):
+    root, overrides, _ = eval_root
+    _, first = _run(overrides)
+    history = sorted((root / "runs/eval").glob("run-*.json"))
+    assert [p.name for p in history] == ["run-000001.json"]
+    rec = json.loads(history[0].read_text())
+    assert rec["gate"]["status"] == "PASSED" and rec["metrics"]["pretrain"] == first["metrics"]["pretrain"]
+
+    # second run, one config change: the parent is run 1, the diff names the key, metrics are flagged
+    _, second = _run(overrides + ["eval.max_new_tokens=5"])
+    md = (root / "reports/report.md").read_text()
+    section = md.split("## Comparison with the parent run")[1].split("\n## ")[0]
+    assert "Parent: run 1" in section and "same held-out tokens as this run" in section
+    assert "| eval.max_new_tokens | 6 | 5 |" in section
+    assert "| pretrain.val_bpb |" in section and "| same |" in section  # val bpb does not depend on generation
+    assert second["gate"]["status"] == "PASSED" and {r["metric"] for r in second["gate"]["rules"]} == {
+        "pretrain.val_bpb", "finetune.val_bpb"}
+
+    # a parent that was much better: the gate fails, the report says so, the stage raises
+    better = dict(rec, metrics={**rec["metrics"], "pretrain": {**rec["metrics"]["pretrain"],
+                                                              "val_bpb": rec["metrics"]["pretrain"]["val_bpb"] * 0.9}})
+    parent_file = root / "better-parent.json"
+    parent_file.write_text(json.dumps(better))
+    with pytest.raises(PipelineError, match=r"release gate FAILED.*pretrain.val_bpb regressed 11\.\d+% > 2\.00%"):
+        _run(overrides + [f"eval.parent={parent_file}"])
+    md = (root / "reports/report.md").read_text()
+    page = (root / "reports/report.html").read_text()
+    assert "**FAILED**: pretrain.val_bpb regressed" in md and 'id="gate-status">FAILED' in page
+    assert json.loads((root / "reports/metrics.json").read_text())["gate"] == "FAILED"
+    assert "| pretrain.val_bpb |" in md and "| worse |" in md
+
+    # a failed run is recorded but never becomes the parent: the next run compares with run 2
+    assert json.loads((root / "runs/eval/run-000003.json").read_text())["gate"]["status"] == "FAILED"
+    _, fourth = _run(overrides)
+    assert fourth["parent"]["run"] == 2 and fourth["gate"]["status"] == "PASSED"
+
+    # configurable: report FAILED without failing the stage, or no gate at all
+    _, s = _run(overrides + [f"eval.parent={parent_file}", "eval.gate.fail=false"])
+    assert s["gate"]["status"] == "FAILED"
+    _, s = _run(overrides + [f"eval.parent={parent_file}", "eval.gate.enabled=false"])
+    assert s["gate"]["status"] == "SKIPPED"
+    with pytest.raises(PipelineError, match="eval.gate rule metric 'pretrain.loss'"):
+        _run(overrides + ["eval.gate.rules=[{metric: pretrain.loss, max_regression: 0.1}]"])
+
+
+def test_parent_from_a_reports_directory(eval_root, tmp_path):
+    import shutil
+
+    root, overrides, _ = eval_root
+    _run(overrides)
+    shutil.copytree(root / "reports", tmp_path / "old-reports")
+    shutil.rmtree(root / "runs")
+    _, s = _run(overrides + [f"eval.parent={tmp_path / 'old-reports'}", "eval.ngram_order=2"])
+    md = (root / "reports/report.md").read_text()
+    assert "| eval.ngram_order | 3 | 2 |" in md
+    assert any(c["metric"] == "ngram.val_bpb" and c["flag"] in ("better", "worse") for c in P.metric_changes(
+        json.loads((tmp_path / "old-reports/metrics.json").read_text()), s["metrics"]))
+    with pytest.raises(PipelineError, match="eval.parent=.*does not exist"):
+        _run(overrides + [f"eval.parent={tmp_path / 'nope.json'}"])
+
+
+# ------------------------------------------------------------------ DVC metrics and plots
+
+
+def test_dvc_metrics_and_plots_read_the_report(eval_root):
+    """The repo's own dvc.yaml: `dvc metrics show` and `dvc plots show` find what eval wrote."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, overrides, _ = eval_root
+    _run(overrides)
+    assert (root / "reports/curves/pretrain_train.csv").read_text().startswith("step,loss\n0,5\n")
+    shutil.copy(Path(__file__).resolve().parents[1] / "dvc.yaml", root / "dvc.yaml")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=root, check=True)
+    out = subprocess.run(dvc + ["metrics", "show", "--json"], cwd=root, check=True, capture_output=True, text=True)
+    shown = json.loads(out.stdout)
+    metrics = next(iter(shown.values()))["data"]["reports/metrics.json"]["data"]
+    assert metrics["pretrain"]["val_bpb"] == json.loads((root / "reports/metrics.json").read_text())["pretrain"]["val_bpb"]
+    out = subprocess.run(dvc + ["plots", "show", "--json"], cwd=root, check=True, capture_output=True, text=True)
+    assert "pretrain_train.csv" in out.stdout and "finetune_val.csv" in out.stdout
+    assert "error" not in out.stdout.lower()
+
+
+# ------------------------------------------------------------------ the HTML in a real browser
+
+
+def test_report_in_headless_chromium(eval_root, tmp_path):
+    """Open report.html in Debian's Chromium: every image decodes, every section is there, nothing is fetched."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")  # a dev dependency: installed by scripts/setup.sh
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is not installed: `apt-get install chromium` (scripts/setup.sh does it as root)"
+    root, overrides, _ = eval_root
+    _run(overrides)
+    page_path = root / "reports/report.html"
+    shot = tmp_path / "report.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            fetched, errors = [], []
+            page.on("request", lambda r: fetched.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_path.as_uri())
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => ({alt: e.alt, ok: e.complete && e.naturalWidth > 0, w: e.naturalWidth}))")
+            headings = page.eval_on_selector_all("h2", "els => els.map(e => e.textContent.trim())")
+            gate = page.text_content("#gate-status")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert len(images) == 3 and all(i["ok"] for i in images), f"broken image(s) in the report: {images}"
+    assert headings == list(SECTIONS)
+    assert gate == "PASSED" and not errors
+    assert [u for u in fetched if not u.startswith(("data:", "file:"))] == []
+    assert shot.stat().st_size > 20_000  # a real full-page render, not a blank frame

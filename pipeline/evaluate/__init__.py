@@ -1,6 +1,11 @@
 """Eval stage: held-out bits per byte and perplexity for the pretrained model, the fine-tuned
-model and an interpolated Kneser-Ney n-gram baseline (all on exactly the same tokens), BLEU
-and ROUGE-L on held-out fine-tuning pairs, samples, plots -> ``reports/``.
+model, an LSTM baseline and an interpolated Kneser-Ney n-gram baseline (all on exactly the
+same tokens), BLEU and ROUGE-1/2/L on held-out fine-tuning pairs, samples, plots, the
+comparison with the parent run and the release gate -> ``reports/``.
+
+The report is always written; when the gate fails it says FAILED and, with
+``eval.gate.fail=true``, the stage then raises, so DVC and the Prefect flow stop there and
+a scheduled run never publishes a model worse than the last published one.
 
 Model code (``pipeline.model``, ``pipeline.generate``, ``pipeline.sft_data``) is imported
 lazily, so this package imports without torch models being importable.
@@ -8,6 +13,7 @@ lazily, so this package imports without torch models being importable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ import numpy as np
 from pipeline.artifacts import Timer, atomic_dir, code_version, hash_tree, read_json, require_dir, write_json, write_summary
 from pipeline.errors import PipelineError
 from pipeline.evaluate import metrics as M
+from pipeline.evaluate import parent as P
 from pipeline.evaluate import report as R
 from pipeline.evaluate.ngram import KneserNey, stream_chunks
 from pipeline.shard import open_split, read_index
@@ -144,6 +151,21 @@ def run(cfg) -> dict:
         "ngram": {"val_bpb": _r(M.bits_per_byte(ng_nats, val_bytes)), "val_ppl": _r(M.perplexity(ng_nats, ng_count))}
     }
 
+    # LSTM baseline: trained here on the train split, scored like the transformers
+    lstm_info = None
+    lc = ec.get("lstm")
+    if lc is not None and bool(lc.get("enabled", True)):
+        from pipeline.evaluate.lstm_baseline import train_lstm
+
+        t0 = time.perf_counter()
+        lstm, lstm_info = train_lstm(open_split(shards_dir, "train", index), vocab_size, lc, seed)
+        nats, count = M.score_model(lstm, val, int(lc.get("score_block", 256)), int(ec.get("batch_size", 8)),
+                                    stride=ec.get("stride"))
+        assert count == val_tokens
+        results["lstm"] = {"val_bpb": _r(M.bits_per_byte(nats, val_bytes)), "val_ppl": _r(M.perplexity(nats, count))}
+        timings["lstm"] = round(time.perf_counter() - t0, 3)
+        del lstm
+
     # held-out fine-tuning pairs (they live with the fine-tuning run)
     pairs_path = ft_dir / "sft" / "heldout.jsonl"
     pairs = read_pairs(pairs_path, int(ec.max_heldout_pairs)) if has_ft and pairs_path.is_file() else []
@@ -174,6 +196,8 @@ def run(cfg) -> dict:
             refs = [p["answer"] for p in pairs]
             generated[name] = answers
             results[name]["bleu"] = _r(M.bleu(answers, refs), 4)
+            results[name]["rouge1"] = _r(M.rouge_n(answers, refs, 1), 4)
+            results[name]["rouge2"] = _r(M.rouge_n(answers, refs, 2), 4)
             results[name]["rougeL"] = _r(M.rouge_l(answers, refs), 4)
         timings[f"{name}_generate"] = round(time.perf_counter() - t0, 3)
         del model
@@ -186,6 +210,31 @@ def run(cfg) -> dict:
         "heldout_pairs": len(pairs),
         "pretrain_beats_ngram": bool(beats),
     }
+    # what the numbers were measured on: a parent run on other held-out text is flagged
+    heldout_sha = hashlib.sha256(np.ascontiguousarray(val, dtype="<i8").tobytes()).hexdigest()
+    pairs_sha = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()
+
+    # ------------------------------------------------------------ parent run and release gate
+    from pipeline.config import to_container
+
+    history_dir = Path(str(ec.get("history_dir") or Path(cfg.paths.root) / "runs" / "eval"))
+    parent = P.load_parent(ec.get("parent"), history_dir)
+    resolved = to_container(cfg)
+    gate = P.check_gate(ec.get("gate") or {}, parent, results)
+    changes = P.metric_changes((parent or {}).get("metrics"), results)
+    cfg_diff = P.config_diff((parent or {}).get("config"), resolved)
+    parent_view = None
+    if parent is not None:
+        same_text = parent.get("heldout_sha256") == heldout_sha
+        parent_view = {
+            "source": _rel(Path(parent["source"]), Path(cfg.paths.root)),
+            "run": parent.get("run"), "created": parent.get("created"),
+            "code_version": parent.get("code_version"),
+            "heldout_note": "same held-out tokens as this run" if same_text else
+            "the held-out tokens differ from this run's (data or tokenizer changed): "
+            "bits per byte compare models on different text",
+        }
+    metrics_json["gate"] = gate["status"]
 
     # ------------------------------------------------------------ report
     root = Path(cfg.paths.root)
@@ -233,10 +282,20 @@ def run(cfg) -> dict:
         notes.append(qa_note + " BLEU and ROUGE-L were not computed.")
 
     label = {"ngram": f"n-gram (Kneser-Ney, order {kn.order})", "pretrain": "pretrained", "finetune": "fine-tuned"}
+    if lstm_info:
+        cfg_l = lstm_info["config"]
+        label["lstm"] = (f"LSTM baseline ({cfg_l['layers']}x{cfg_l['hidden']}, {lstm_info['params'] / 1e6:.2f}M params, "
+                         f"{lstm_info['steps']} steps)")
+        notes.append(
+            f"LSTM baseline: {results['lstm']['val_bpb']:.4f} bits per byte after {lstm_info['steps']} steps "
+            f"({lstm_info['tokens_seen']} train tokens); the pretrained transformer is "
+            f"{'better' if results['pretrain']['val_bpb'] < results['lstm']['val_bpb'] else 'NOT better'}."
+        )
     rows = [
         {"label": label[m], "val_bpb": results[m]["val_bpb"], "val_ppl": results[m]["val_ppl"],
-         "bleu": results[m].get("bleu"), "rougeL": results[m].get("rougeL")}
-        for m in ("ngram", "pretrain", "finetune") if m in results
+         "bleu": results[m].get("bleu"), "rouge1": results[m].get("rouge1"), "rouge2": results[m].get("rouge2"),
+         "rougeL": results[m].get("rougeL")}
+        for m in ("ngram", "lstm", "pretrain", "finetune") if m in results
     ]
     blocks = ", ".join(f"{m}: {b}" for m, b in block_sizes.items())
     window_note = (
@@ -291,7 +350,8 @@ def run(cfg) -> dict:
         window_note=window_note, heldout_pairs=len(pairs), max_new_tokens=max_new, curves=curves_notes,
         funnel=funnel, funnel_note=funnel_note, tokenizer=tok_rows, samples=samples, qa=qa,
         qa_models=list(generated), qa_note=qa_note, lineage=lineage, config_sha256=config_hash(cfg),
-        code_version=code_version(),
+        code_version=code_version(), gate=gate, parent=parent_view, changes=changes, config_diff=cfg_diff,
+        stage_configs=_stage_config_hashes(resolved),
     )
     images = {
         "metrics": R.plot_metrics(results),
@@ -307,6 +367,7 @@ def run(cfg) -> dict:
             if png:
                 (tmp / "plots" / f"{name}.png").write_bytes(png)
         write_json(tmp / "metrics.json", metrics_json)
+        R.write_curve_csvs(tmp / "curves", curves_data)
         (tmp / "report.md").write_text(md, encoding="utf-8")
         (tmp / "report.html").write_text(page, encoding="utf-8")
         summary = write_summary(
@@ -316,9 +377,36 @@ def run(cfg) -> dict:
             models=list(runs),
             finetune_present=has_ft,
             timings=timings,
+            lstm=lstm_info,
+            gate=gate,
+            parent=parent_view,
+            heldout_sha256=heldout_sha,
             outputs=sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
         )
+    record = P.append_history(history_dir, {
+        "metrics": results, "config": resolved, "gate": gate, "heldout_sha256": heldout_sha,
+        "heldout_pairs_sha256": pairs_sha, "artifacts": {a["name"]: a["sha256"] for a in lineage},
+        "config_sha256": config_hash(cfg), "code_version": code_version(),
+        "parent": parent["source"] if parent else None,
+    })
+    summary["history_record"] = str(record)
+    if gate["status"] == "FAILED" and bool((ec.get("gate") or {}).get("fail", True)):
+        raise PipelineError(
+            f"release gate FAILED against the parent run ({parent['source']}): {gate['reason']}. "
+            f"The report at {out / 'report.md'} says why; to publish anyway, rerun with eval.gate.enabled=false "
+            f"or eval.gate.fail=false"
+        )
     return summary
+
+
+def _stage_config_hashes(resolved: dict) -> list[tuple[str, str]]:
+    """sha256 of each stage's config group, so a reader sees which stage's settings changed."""
+    out = []
+    for group in ("source", "clean", "tokenizer", "shard", "model", "pretrain", "finetune", "eval", "executor"):
+        if group in resolved:
+            blob = json.dumps(resolved[group], sort_keys=True, default=str).encode()
+            out.append((group, hashlib.sha256(blob).hexdigest()[:16]))
+    return out
 
 
 def _fmt(value) -> str:

@@ -1,4 +1,4 @@
-"""Scores: bits per byte, perplexity, BLEU, ROUGE-L, and a batched torch scorer.
+"""Scores: bits per byte, perplexity, BLEU, ROUGE-1/2/L, and a batched torch scorer.
 
 Window convention for models: the held-out stream t[0..N-1] is cut into consecutive,
 non-overlapping windows ``t[s : s+B+1]`` (s = 0, B, 2B, ...); each window predicts its last
@@ -9,6 +9,8 @@ t[0] by nobody, and the n-gram baseline scores the very same tokens.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 
@@ -37,6 +39,40 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
+def _tokens(text: str) -> list[str]:
+    """ROUGE tokens: lowercased whitespace words; CJK characters count one token each, since
+    Chinese has no spaces and a whole sentence would otherwise be a single "word"."""
+    out = []
+    for word in text.lower().split():
+        out.extend(_CJK.findall(word) if _CJK.search(word) else [word])
+    return out
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
+
+
+def _f1(overlap: int, n_hyp: int, n_ref: int) -> float:
+    if overlap == 0 or n_hyp == 0 or n_ref == 0:
+        return 0.0
+    precision, recall = overlap / n_hyp, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_n_f1(hypothesis: str, reference: str, n: int) -> float:
+    """ROUGE-N F1 of one pair: clipped n-gram overlap (multiset intersection), in [0, 1]."""
+    h, r = _tokens(hypothesis), _tokens(reference)
+    hg = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
+    rg = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
+    return _f1(sum((hg & rg).values()), sum(hg.values()), sum(rg.values()))
+
+
+def rouge_n(hypotheses: list[str], references: list[str], n: int) -> float:
+    """Mean per-pair ROUGE-N F1, scaled to 0-100 like BLEU."""
+    if not hypotheses:
+        return 0.0
+    return 100.0 * sum(rouge_n_f1(h, r, n) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
+
+
 def _lcs_length(a: list[str], b: list[str]) -> int:
     if not a or not b:
         return 0
@@ -50,13 +86,9 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def rouge_l_f1(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F1 (beta = 1) of one pair: LCS over lowercased whitespace tokens, in [0, 1]."""
-    h, r = hypothesis.lower().split(), reference.lower().split()
-    lcs = _lcs_length(h, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(h), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (beta = 1) of one pair: LCS over the ROUGE tokens, in [0, 1]."""
+    h, r = _tokens(hypothesis), _tokens(reference)
+    return _f1(_lcs_length(h, r), len(h), len(r))
 
 
 def rouge_l(hypotheses: list[str], references: list[str]) -> float:

@@ -17,7 +17,7 @@ from jinja2 import Environment, StrictUndefined  # noqa: E402
 
 from pipeline.evaluate import templates  # noqa: E402
 
-MODEL_COLORS = {"n-gram": "#8c959f", "pretrain": "#0969da", "finetune": "#1a7f37"}
+MODEL_COLORS = {"n-gram": "#8c959f", "lstm": "#bf8700", "pretrain": "#0969da", "finetune": "#1a7f37"}
 
 
 # ------------------------------------------------------------------ training curves
@@ -56,6 +56,25 @@ def read_curves(run_dir: Path) -> dict | None:
     if not out["train"][0] and not out["val"][0]:
         return None
     return out
+
+
+def write_curve_csvs(out_dir: Path, curves: dict[str, dict | None]) -> list[Path]:
+    """``<model>_<train|val>.csv`` (step, loss): the tidy files ``dvc plots show`` reads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, c in curves.items():
+        if not c:
+            continue
+        for split in ("train", "val"):
+            xs, ys = c[split]
+            if not xs:
+                continue
+            path = out_dir / f"{name}_{split}.csv"
+            lines = ["step,loss"] + [f"{int(x)},{y:.6g}" for x, y in zip(xs, ys)]
+            path.write_text("\n".join(lines) + "\n")
+            written.append(path)
+    return written
 
 
 def _png(fig) -> bytes:
@@ -126,9 +145,9 @@ def plot_funnel(view: dict) -> bytes | None:
 # ------------------------------------------------------------------ metric comparison
 
 def plot_metrics(metrics: dict) -> bytes:
-    models = [m for m in ("ngram", "pretrain", "finetune") if m in metrics]
+    models = [m for m in ("ngram", "lstm", "pretrain", "finetune") if m in metrics]
     gen = [m for m in ("pretrain", "finetune") if m in metrics and "bleu" in metrics[m]]
-    fig, axes = plt.subplots(1, 2 if gen else 1, figsize=(11 if gen else 5.5, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if gen else 1, figsize=(12 if gen else 6, 3.6), squeeze=False)
     ax = axes[0][0]
     labels = ["n-gram" if m == "ngram" else m for m in models]
     values = [metrics[m]["val_bpb"] for m in models]
@@ -142,12 +161,12 @@ def plot_metrics(metrics: dict) -> bytes:
         ax = axes[0][1]
         width = 0.8 / len(gen)
         for i, m in enumerate(gen):
-            vals = [metrics[m]["bleu"], metrics[m]["rougeL"]]
-            xs = [j + (i - (len(gen) - 1) / 2) * width for j in range(2)]
+            vals = [metrics[m]["bleu"], metrics[m].get("rouge1", 0.0), metrics[m].get("rouge2", 0.0), metrics[m]["rougeL"]]
+            xs = [j + (i - (len(gen) - 1) / 2) * width for j in range(4)]
             ax.bar(xs, vals, width, label=m, color=MODEL_COLORS[m])
             for x, v in zip(xs, vals):
                 ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
-        ax.set_xticks([0, 1], ["BLEU", "ROUGE-L F1"])
+        ax.set_xticks([0, 1, 2, 3], ["BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L"])
         ax.set_title("held-out Q&A (higher is better)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
@@ -161,6 +180,18 @@ def _num(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"
+
+
+def _signed(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return "–"
+    return f"{value:+.{digits}f}"
+
+
+def _pct(value) -> str:
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return "–"
+    return f"{value:+.2%}"
 
 
 def _cell(value) -> str:
@@ -186,9 +217,9 @@ def _fence(value) -> str:
 def render(context: dict, images: dict[str, bytes | None]) -> tuple[str, str]:
     """(report.md, report.html); plots are linked as files in Markdown and inlined in HTML."""
     md_env = Environment(autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True)
-    md_env.filters.update(num=_num, cell=_cell, fence=_fence, text=_text)
+    md_env.filters.update(num=_num, cell=_cell, fence=_fence, text=_text, signed=_signed, pct=_pct)
     html_env = Environment(autoescape=True, undefined=StrictUndefined, keep_trailing_newline=True)
-    html_env.filters.update(num=_num)
+    html_env.filters.update(num=_num, signed=_signed, pct=_pct)
     plots = {k: f"plots/{k}.png" if v else None for k, v in images.items()}
     uris = {k: "data:image/png;base64," + base64.b64encode(v).decode() if v else None for k, v in images.items()}
     md = md_env.from_string(templates.MARKDOWN).render(plots=plots, **context)
