@@ -443,3 +443,14 @@ def test_odd_links_never_stop_the_crawl(tmp_path, make_site):
     # every link is accounted for: [::1 (bad URL), javascript:, two off-scope hosts, two 404s
     assert summary["statuses"] == {"fetched": 2, "skipped_bad_url": 1, "skipped_scheme": 1, "skipped_offsite": 2,
                                    "error_http_404": 2}
+
+
+def test_one_crawl_per_state_at_a_time(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.ingest.crawl_state import CrawlState
+
+    first = CrawlState(tmp_path / "state.sqlite", "fp")
+    with pytest.raises(PipelineError, match="is in use by another crawl"):
+        CrawlState(tmp_path / "state.sqlite", "fp")
+    first.close()
+    CrawlState(tmp_path / "state.sqlite", "fp").close()

@@ -73,6 +73,7 @@ class IngestContext:
         self.examples: dict[str, list[str]] = {}
         self.extra: dict = {}  # more summary fields
         self.on_commit: list[Callable[[], None]] = []  # run once the output is in place
+        self.on_close: list[Callable[[], None]] = []  # run at the end, whether the stage succeeded or not
 
     def count(self, status: str, nbytes: int = 0, n: int = 1) -> None:
         self.docs[status] += n
@@ -194,11 +195,21 @@ def run(cfg) -> dict:
     if kind not in sources:
         raise PipelineError(f"source kind {kind!r} is not implemented by ingest (available: {', '.join(sources)})")
     max_shard_bytes = int(cfg.source.get("max_shard_bytes", 0) or 0)
+    closers: list[Callable[[], None]] = []
+    try:
+        return _run(cfg, kind, sources[kind], max_shard_bytes, timer, closers)
+    finally:
+        for close in closers:
+            close()
+
+
+def _run(cfg, kind: str, source, max_shard_bytes: int, timer: Timer, closers: list) -> dict:
     with atomic_dir(Path(cfg.paths.raw)) as tmp:
         ctx = IngestContext(kind, Path(cfg.paths.root), tmp / ".work", cfg.get("executor"))
+        ctx.on_close = closers
         writer = RawShardWriter(tmp, int(cfg.source.rows_per_shard), max_shard_bytes)
         bytes_out = 0
-        for row in sources[kind](cfg.source, ctx):
+        for row in source(cfg.source, ctx):
             if isinstance(row, ShardPart):
                 writer.add_part(row)
                 bytes_out += row.bytes

@@ -96,6 +96,7 @@ def run_crawl(
     note_key: Callable[[str], str] = lambda origin: origin,
 ) -> Iterator[dict]:
     """Crawl and yield raw rows; counts, bytes and crawl facts go into ``ctx``."""
+    ctx.on_close.append(state.close)  # also when the run fails: a retry must be able to take the lock
     archive = _archive(source, state, kind)
     crawler = Crawler(crawl_config(source, seeds), canonical=canonical, deny=deny, state=state, warc=archive)
     started = time.perf_counter()
@@ -128,7 +129,6 @@ def run_crawl(
 
     def commit() -> None:
         state.finish()
-        state.close()
         if archive is not None:
             _prune(archive, kind, int(source.get("warc_keep", 0) or 0))
 

@@ -41,8 +41,10 @@ class CrawlState:
     def __init__(self, path: Path | str | None, fingerprint: str = "") -> None:
         self.path = Path(path) if path else None
         self.durable = self.path is not None
+        self._lock = None
         if self.durable:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
         self.db = sqlite3.connect(str(self.path) if self.durable else ":memory:", isolation_level=None)
         if self.durable:
             # WAL + NORMAL: a committed transaction survives a killed process (not a power cut)
@@ -203,3 +205,21 @@ class CrawlState:
 
     def close(self) -> None:
         self.db.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+
+def _exclusive_lock(path: Path):
+    """One crawl per state at a time: a second one gets a clear error instead of a locked database."""
+    import fcntl
+
+    from pipeline.errors import PipelineError
+
+    f = open(path, "a+")  # noqa: SIM115 - held open for the crawl's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        raise PipelineError(f"crawl state {path.parent} is in use by another crawl (lock {path})") from e
+    return f
