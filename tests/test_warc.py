@@ -203,3 +203,6 @@ def test_output_does_not_depend_on_the_number_of_workers(tmp_path):
     assert [f.read_bytes() for f in a] == [f.read_bytes() for f in b]
     assert s1["statuses"] == s2["statuses"] and s1["bytes_out"] == s2["bytes_out"]
     assert not (tmp_path / "w2" / "data" / "raw" / ".work").exists()
+    # lineage: each shard names the WARC it came from
+    assert [sh["input"] for sh in s2["shards"]] == [str(files[0]), str(files[1]), str(files[1]), str(files[2]),
+                                                     str(files[2])]

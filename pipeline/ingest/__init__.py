@@ -54,6 +54,7 @@ class ShardPart:
     path: Path
     rows: int
     bytes: int
+    input: str | None = None  # the input file it came from (lineage in the summary)
 
 
 class IngestContext:
@@ -173,7 +174,7 @@ class RawShardWriter:
         self.flush()
         name = f"{self.prefix}-{len(self.files):05d}.parquet"
         os.replace(part.path, self.out_dir / name)
-        self.files.append({"name": name, "rows": part.rows})
+        self.files.append({"name": name, "rows": part.rows, **({"input": part.input} if part.input else {})})
         self.part_bytes.append(part.bytes)
         self.rows += part.rows
 

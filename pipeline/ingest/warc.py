@@ -96,8 +96,8 @@ def ingest_file(task: dict) -> dict:
         ctx.problem("error_unreadable", f"{path}: {e.strerror or e}")
         ok = False
     writer.close()
-    parts = [(str(work / f["name"]), f["rows"], b) for f, b in zip(writer.files, writer.part_bytes)]
-    return {"parts": parts, "docs": dict(ctx.docs), "bytes": dict(ctx.bytes), "examples": ctx.examples, "ok": ok}
+    parts = [(str(work / f["name"]), f["rows"], b) for f, b in zip(writer.files, writer.part_bytes, strict=True)]
+    return {"path": str(path), "parts": parts, "docs": dict(ctx.docs), "bytes": dict(ctx.bytes), "examples": ctx.examples, "ok": ok}
 
 
 def documents(source, ctx) -> Iterator:
@@ -125,6 +125,6 @@ def documents(source, ctx) -> Iterator:
             ctx.merge(res["docs"], res["bytes"], res["examples"])
             files_read += res["ok"]
             for path, rows, nbytes in res["parts"]:
-                yield ShardPart(Path(path), rows, nbytes)
+                yield ShardPart(Path(path), rows, nbytes, input=res["path"])
     finally:
         ctx.extra.update(input_paths=paths, files_found=len(files), files_read=files_read)
