@@ -51,6 +51,7 @@ from pipeline.clean import decontam
 from pipeline.clean.dedup import (
     EXACT,
     DedupParams,
+    SignatureStore,
     Signer,
     band_links,
     band_tasks,
@@ -250,14 +251,21 @@ def clean_shard(task: dict) -> dict:
         write_band_files(bands, task["index"], karr, {EXACT: np.array(exact, dtype=np.uint64)})
     if signer is not None:
         cols: dict[str, list] = {}
-        has_all = []
+        has_all, sigs = [], []
         for a in range(0, len(shingles), 2048):  # bounded memory: 2048 signatures at a time
             sig, has = signer.signatures(shingles[a : a + 2048])
             bh = signer.band_hashes(sig)
             has_all.append(has)
+            sigs.append(sig)
             for b in range(p.bands):
                 cols.setdefault(f"b{b:03d}", []).append(bh[:, b])
         has = np.concatenate(has_all) if has_all else np.zeros(0, dtype=bool)
+        (work / "sigs").mkdir(exist_ok=True)  # rows in candidate order, for link verification
+        np.save(
+            work / "sigs" / f"r{task['run']:03d}-{task['index']:05d}.npy",
+            np.concatenate(sigs) if sigs else np.zeros((0, signer.k), dtype=np.uint32),
+            allow_pickle=False,
+        )
         write_band_files(bands, task["index"], karr[has],
                          {k: np.concatenate(v)[has] if v else np.zeros(0, np.uint64) for k, v in cols.items()}
                          if cols else {f"b{b:03d}": np.zeros(0, np.uint64) for b in range(p.bands)})  # fmt: skip
@@ -399,7 +407,8 @@ def run(cfg) -> dict:
         if p.exact or p.near:
             dirs = [work / "bands"] + ([tmp / INDEX] if prev else [])
             links = map_ordered(band_links, band_tasks(dirs, p), cfg.executor)
-            drop = cluster(links, run_no)
+            store = SignatureStore([work / "sigs", tmp / INDEX / "sigs"])
+            drop = cluster(links, run_no, store, p.min_similarity)
         cand = [work / f"kept-{r['index']:05d}.parquet" for r in results]
         bad, dc_info = {}, None
         if dc["enabled"]:
@@ -488,6 +497,8 @@ def run(cfg) -> dict:
         index_counts = {}
         if p.exact or p.near:
             index_counts = write_index(tmp / INDEX, p, work / "bands", {**drop, **bad}, run_no)
+            for f in sorted((work / "sigs").glob("*.npy")):
+                _link_or_copy(f, tmp / INDEX / "sigs" / f.name)
             done_list = (prev_meta or {}).get("shards_in", []) + [shard_info[i] for i in todo]
             write_json(tmp / INDEX / "index.json", {"run": run_no, "params": p.index_meta(), "shards_in": done_list})
         shutil.rmtree(work)

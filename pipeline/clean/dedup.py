@@ -8,7 +8,7 @@ The same four stages as datatrove's MinHash dedup, with the work vectorised in n
    n-grams (``ngram`` = 5) are combined into 64-bit shingle hashes, and a signature of
    ``bands * rows`` values is taken with *one-permutation hashing* (Li, Owen & Zhang 2012):
    each shingle's hash picks a bin and its value competes for that bin's minimum, with
-   empty bins filled by rotation densification (Shrivastava & Li 2014). Per bin, two
+   empty bins filled by optimal densification (Shrivastava 2017). Per bin, two
    documents collide with probability equal to their Jaccard similarity, as with
    ``bands * rows`` independent permutations, but a document costs one hash per shingle
    instead of 112, and a whole shard is one ``np.minimum.at`` call. Every band's rows are
@@ -53,6 +53,9 @@ class DedupParams:
     bands: int = 14
     rows: int = 8
     seed: int = 1
+    # Links whose signatures agree on fewer than this fraction of rows are dropped as chance
+    # band collisions (an estimate of Jaccard; 0 keeps every LSH candidate, as datatrove does).
+    min_similarity: float = 0.0
     partition_rows: int = 4_000_000  # bucket entries a band task holds at once
 
     @classmethod
@@ -65,7 +68,8 @@ class DedupParams:
             raise PipelineError(
                 f"clean.dedup: unknown keys {sorted(unknown)} (known: {sorted(cls.__dataclass_fields__)})"
             )
-        p = cls(**{k: (bool(v) if k in ("exact", "near") else int(v)) for k, v in d.items()})
+        conv = {"exact": bool, "near": bool, "min_similarity": float}
+        p = cls(**{k: conv.get(k, int)(v) for k, v in d.items()})
         if p.near and (p.ngram < 1 or p.bands < 1 or p.rows < 1):
             raise PipelineError(f"clean.dedup: ngram, bands and rows must be >= 1 (got {p})")
         return p
@@ -76,7 +80,7 @@ class DedupParams:
 
     def index_meta(self) -> dict:
         return {"exact": self.exact, "near": self.near, "ngram": self.ngram, "bands": self.bands, "rows": self.rows,
-                "seed": self.seed}  # fmt: skip
+                "seed": self.seed, "min_similarity": self.min_similarity}  # fmt: skip
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -101,6 +105,7 @@ class Signer:
         self._cache: dict[str, int] = {}
         rng = np.random.default_rng(p.seed)
         self.row_mult = rng.integers(1, 2**63, size=p.rows, dtype=np.uint64) | np.uint64(1)
+        self.probe = rng.integers(0, self.k, size=(64, self.k))  # densification probe sequences
 
     def _word_hashes(self, toks: list[str]) -> np.ndarray:
         cache, xxh, seed = self._cache, self._xxh, self._seed
@@ -137,16 +142,35 @@ class Signer:
             bins = ((h >> np.uint64(32)) * np.uint64(k)) >> np.uint64(32)
             np.minimum.at(sig, doc * np.uint64(k) + bins, h & M32)
         sig = sig.reshape(n_docs, k)
-        empty = sig > M32
-        if empty[has].any():  # rotation densification: borrow from the next non-empty bin, salted by distance
-            pos = np.where(empty, np.int64(4 * k), np.arange(k, dtype=np.int64))
-            nxt = np.minimum.accumulate(np.concatenate([pos, pos + k], axis=1)[:, ::-1], axis=1)[:, ::-1][:, :k]
-            nxt = np.minimum(nxt, 2 * k - 1)
-            dist = (nxt - np.arange(k)).astype(np.uint64)
-            src = np.take_along_axis(sig, nxt % k, axis=1)
-            sig = np.where(empty & has[:, None], (src + dist * np.uint64(0x9E3779B1)) & M32, sig)
+        empty = (sig > M32) & has[:, None]
+        if empty.any():
+            sig = self._densify(sig, empty)
         sig[~has] = 0
         return sig.astype(np.uint32), has
+
+    def _densify(self, sig: np.ndarray, empty: np.ndarray) -> np.ndarray:
+        """Optimal densification (Shrivastava 2017): an empty bin j takes the value of the first
+        non-empty bin in its own fixed random probe sequence ``probe[0, j], probe[1, j], ...``.
+
+        Every document uses the same sequences, so two documents' bin j agree with probability
+        equal to their Jaccard similarity, and, unlike rotation (borrow from the next bin to
+        the right), neighbouring empty bins of a band borrow from unrelated bins, which keeps
+        the rows of a band independent for short documents too.
+        """
+        rows, cols = np.nonzero(empty)
+        filled = ~empty
+        out = sig.copy()
+        for t in range(len(self.probe)):
+            if not len(rows):
+                break
+            src = self.probe[t, cols]
+            ok = filled[rows, src]
+            out[rows[ok], cols[ok]] = sig[rows[ok], src[ok]]
+            rows, cols = rows[~ok], cols[~ok]
+        if len(rows):  # a handful of shingles and unlucky probes: the first non-empty bin
+            first = np.argmax(filled, axis=1)
+            out[rows, cols] = sig[rows, first[rows]]
+        return out
 
     def band_hashes(self, sig: np.ndarray) -> np.ndarray:
         """[docs, bands] uint64 bucket ids: each band's ``rows`` values hashed together."""
@@ -241,16 +265,44 @@ class UnionFind:
             self.parent[hi] = lo
 
 
-def cluster(results: list[dict], run: int) -> dict[int, str]:
+class SignatureStore:
+    """Signature rows by key, from per-shard ``<dir>/r<run>-<shard>.npy`` files (memory-mapped)."""
+
+    def __init__(self, dirs: list[Path]) -> None:
+        self.files = {f.stem: f for d in dirs if d.is_dir() for f in d.glob("*.npy")}
+        self.open: dict[str, np.ndarray] = {}
+
+    def row(self, key: int) -> np.ndarray | None:
+        name = f"r{key >> 56:03d}-{(key >> 32) & 0xFFFFFF:05d}"
+        if name not in self.open:
+            if name not in self.files:
+                return None
+            self.open[name] = np.load(self.files[name], mmap_mode="r")
+        arr = self.open[name]
+        i = key & 0xFFFFFFFF
+        return arr[i] if i < len(arr) else None
+
+
+def cluster(results: list[dict], run: int, store: SignatureStore | None = None, min_similarity: float = 0.0):
     """This run's keys to drop -> reason (``duplicate``: same normalised text as an earlier doc, else
-    ``near_duplicate``); keys of earlier runs are never dropped."""
+    ``near_duplicate``); keys of earlier runs are never dropped. With ``min_similarity``, a MinHash
+    link is kept only when the two full signatures agree on at least that fraction of rows."""
     uf = UnionFind()
     exact_members: set[int] = set()
+    checked: dict[tuple[int, int], bool] = {}
     for r in results:
         links = r["links"]
         if r["band"] == EXACT:
             exact_members.update(int(k) for k in links[:, 0])
         for a, b in links.tolist():
+            if r["band"] != EXACT and min_similarity > 0 and store is not None:
+                ok = checked.get((a, b))
+                if ok is None:
+                    sa, sb = store.row(a), store.row(b)
+                    ok = sa is None or sb is None or float((sa == sb).mean()) >= min_similarity
+                    checked[(a, b)] = ok
+                if not ok:
+                    continue
             uf.union(a, b)
     drop = {}
     for k in list(uf.parent):

@@ -256,7 +256,8 @@ class Normalize(Step):
         if self.fix_mojibake and not text.isascii():
             import ftfy
 
-            text = ftfy.fix_text(text, unescape_html=False, normalization=self.form or "NFC", fix_line_breaks=True)
+            text = ftfy.fix_text(text, unescape_html=False, uncurl_quotes=False, normalization=self.form or "NFC",
+                                 fix_line_breaks=True)  # fmt: skip
         if self.form:
             text = unicodedata.normalize(self.form, text)
         if self.whitespace:
@@ -588,7 +589,8 @@ class GopherQuality(Step):
 
 
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
-_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]+[\"'\u201d\u300d)]*(?=\s|$)")
+# A sentence ends at ./!/? before a space or the line end; CJK full stops need no space after them.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d)]*(?=\s|$)|[\u3002\uff01\uff1f]+[\u201d\u300d\u300f]*")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
@@ -664,7 +666,12 @@ FINEWEB_STOP_CHARS = (".", "!", "?", "\u3002", "\uff01", "\uff1f", "\uff0e", "\u
 
 
 class FineWebQuality(Step):
-    """FineWeb's (Penedo et al. 2024) line-level rules, datatrove's FineWebQualityFilter semantics."""
+    """FineWeb's (Penedo et al. 2024) line-level rules, datatrove's FineWebQualityFilter semantics.
+
+    For CJK text a "short line" is ``cjk_short_line_length`` characters (10), not 30: a
+    Chinese character carries about what three Latin characters do, and an ordinary
+    Chinese sentence is 15-25 characters long.
+    """
 
     def __init__(
         self,
@@ -675,7 +682,11 @@ class FineWebQuality(Step):
         short_line_length: int = 30,
         char_duplicates_ratio: float = 0.01,
         new_line_ratio: float = 0.3,
+        cjk_short_line_length: int = 10,
+        cjk_threshold: float = 0.3,
     ) -> None:
+        self.cjk_short_line_length = int(cjk_short_line_length)
+        self.cjk_threshold = float(cjk_threshold)
         self.line_punct_thr = float(line_punct_thr)
         self.line_punct_exclude_zero = bool(line_punct_exclude_zero)
         self.stop_chars = tuple(stop_chars)
@@ -692,7 +703,8 @@ class FineWebQuality(Step):
         ratio = sum(1 for line in lines if line.endswith(self.stop_chars)) / len(lines)
         if ratio < self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
             return Reject("line_punct_ratio")
-        if sum(1 for line in lines if len(line) <= self.short_line_length) / len(lines) > self.short_line_thr:
+        short = self.cjk_short_line_length if cjk_fraction(text) > self.cjk_threshold else self.short_line_length
+        if sum(1 for line in lines if len(line) <= short) / len(lines) > self.short_line_thr:
             return Reject("short_line_ratio")
         seen: set[str] = set()
         dup_chars = 0
