@@ -237,6 +237,8 @@ def test_crawler_refuses_private_hosts_unless_allowed(site):
 
 def test_url_helpers():
     assert normalize_url("HTTP://Example.COM#x") == "http://example.com/"
+    assert normalize_url("https://example.com:443/a?b=1#c") == "https://example.com/a?b=1"
+    assert normalize_url("http://example.com:8080") == "http://example.com:8080/"
     html = '<html><head><base href="/docs/"></head><body><a href="a.html">a</a><a href="#top">t</a></body></html>'
     assert extract_links(html, "http://h/x/y.html") == ["http://h/docs/a.html"]
 

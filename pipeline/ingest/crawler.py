@@ -100,12 +100,18 @@ class Fetch:
     encoding: str | None = None
 
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
 def normalize_url(url: str) -> str:
-    """Drop the fragment, lowercase scheme and host, give an empty path '/'."""
+    """Drop the fragment and a default port, lowercase scheme and host, give an empty path '/'."""
     url, _ = urldefrag(url.strip())
     parts = urlsplit(url)
-    path = parts.path or "/"
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default and netloc.endswith(default) and "@" not in netloc:
+        netloc = netloc[: -len(default)]
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
 
 
 def extract_links(html: str, base_url: str) -> list[str]:
