@@ -454,3 +454,17 @@ def test_one_crawl_per_state_at_a_time(tmp_path):
         CrawlState(tmp_path / "state.sqlite", "fp")
     first.close()
     CrawlState(tmp_path / "state.sqlite", "fp").close()
+
+
+def test_archive_retention_keeps_the_newest(tmp_path):
+    from pipeline.ingest.crawl import _prune
+    from pipeline.ingest.warc_io import WarcArchive
+
+    for stamp in ("20260101T000000000001Z", "20260102T000000000001Z", "20260103T000000000001Z"):
+        (tmp_path / f"pydoc_site-{stamp}.warc.gz").write_bytes(b"")
+    (tmp_path / "crawl-run00001.warc.gz").write_bytes(b"")  # another source's archive: untouched
+    current = WarcArchive(tmp_path, "pydoc_site-20260104T000000000001Z.warc.gz")
+    current.close()
+    _prune(current, "pydoc_site", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "crawl-run00001.warc.gz", "pydoc_site-20260103T000000000001Z.warc.gz", "pydoc_site-20260104T000000000001Z.warc.gz"]
