@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +29,12 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.model.gpt import GPT
+from pipeline.tokenizer import CHAT_TEMPLATE  # the format of sft_data.chat_prompt / render_chat
+
+log = logging.getLogger("pipeline.export")
 
 EOT, PAD, END = "<|endoftext|>", "<|pad|>", "<|end|>"
 CHAT_ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -222,6 +222,13 @@ def gpt2_tokenizer(tokenizer, model_max_length: int | None = None):
     return hf
 
 
+def splits_like_gpt2(tokenizer) -> bool:
+    """Whether the tokenizer pre-splits text exactly as GPT2Tokenizer does (ByteLevel with
+    GPT-2's regex; `tokenizer.pattern=gpt2`), so vocab.json + merges.txt reproduce our ids."""
+    pre = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
+    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -250,7 +257,11 @@ def export_hf(model: GPT, tokenizer, out_dir: Path) -> Path:
     )
     hf.save_pretrained(out_dir, safe_serialization=True)
     block = model.cfg.block_size
-    tok = gpt2_tokenizer(tokenizer, block) if model.cfg.arch == "gpt2" else hf_tokenizer(tokenizer, block)
+    gpt2_tok = model.cfg.arch == "gpt2" and splits_like_gpt2(tokenizer)
+    if model.cfg.arch == "gpt2" and not gpt2_tok:
+        log.warning("export: the tokenizer does not split text like GPT-2 (tokenizer.pattern != gpt2): "
+                    "writing it as PreTrainedTokenizerFast; load it with AutoTokenizer, not GPT2Tokenizer")
+    tok = gpt2_tokenizer(tokenizer, block) if gpt2_tok else hf_tokenizer(tokenizer, block)
     tok.save_pretrained(out_dir)
     if model.cfg.arch == "gpt2":  # the files GPT-2 code expects, beside tokenizer.json
         tokenizer.model.save(str(out_dir))

@@ -133,3 +133,26 @@ def test_gpt2_architecture_works_with_gpt2_classes_verbatim(runs):
 def test_export_errors(tmp_path, capsys):
     assert cli.main(["export", f"paths.root={tmp_path}"]) == 2
     assert "python -m pipeline pretrain" in capsys.readouterr().err
+
+
+def test_gpt2_export_with_a_non_gpt2_split_pattern_keeps_our_ids(tmp_path):
+    """A `tokenizer.pattern=gpt4` tokenizer splits digits and newlines unlike GPT2Tokenizer: the
+    export then ships the exact tokenizer.json (AutoTokenizer) instead of silently differing."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from fixtures import SPECIALS, pydoc_text
+    from pipeline.export import export_hf, splits_like_gpt2
+    from pipeline.model.gpt import GPT, GPTConfig
+    from pipeline.tokenizer import build
+
+    tok, trainer = build(OmegaConf.create({"vocab_size": 300, "min_frequency": 2, "special_tokens": SPECIALS,
+                                           "pattern": "gpt4"}))
+    tok.train_from_iterator([pydoc_text("json"), "12345 67890\n\n  x = 1234567"], trainer=trainer)
+    assert not splits_like_gpt2(tok)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2, d_model=16,
+                          mlp_hidden=32, arch="gpt2"))
+    out = export_hf(model, tok, tmp_path / "hf")
+    text = "x = 1234567\n\n  json.dumps(obj)"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == [0] + tok.encode(text).ids
+    assert type(GPT2LMHeadModel.from_pretrained(out)).__name__ == "GPT2LMHeadModel"
