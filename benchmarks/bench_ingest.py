@@ -4,6 +4,7 @@ Usage: python benchmarks/bench_ingest.py [--files 4] [--records 2500] [--repeat 
 Writes gzip WARC files of HTML responses (plus the request record a crawler writes before
 each), then times, over the same files:
   bare:  ``for rec in ArchiveIterator(f)``, reading the payload of every response record;
+  reader: the warc source's reader alone (rows, no Parquet);
   stage: ``python -m pipeline ingest source=warc`` in-process (one worker): parse, decode,
          content id, provenance, zstd Parquet shards and the summary;
   stage-Nw: the same with executor.workers=N (files fanned out over N processes).
@@ -75,6 +76,16 @@ def bare(paths: list[Path]) -> int:
     return n
 
 
+def reader(paths: list[Path]) -> int:
+    """The warc source's reader alone: records to raw rows (decode, content id, provenance), no Parquet."""
+    from pipeline.ingest import IngestContext
+    from pipeline.ingest.warc import read_file
+
+    ctx = IngestContext("warc", Path("."))
+    types = {"text/html", "application/xhtml+xml", "text/plain"}
+    return sum(1 for p in paths for _ in read_file(p, ctx, types, 10_000_000, {200}))
+
+
 def stage_config(paths: list[Path], root: Path, workers: int = 1):
     plist = ",".join(f"'{p}'" for p in paths)
     return load([f"paths.root={root}", "source=warc", f"source.paths=[{plist}]", f"executor.workers={workers}"])
@@ -103,7 +114,7 @@ def main() -> None:
         paths = write_files(d, args.files, args.records)
         mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"{len(paths)} files, {args.files * args.records} responses, {mb:.1f} MB gzip")
-        names = ("bare", "stage", f"stage-{args.workers}w")
+        names = ("bare", "reader", "stage", f"stage-{args.workers}w")
         best = dict.fromkeys(names, 0.0)
         ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
         cpu_ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
@@ -113,7 +124,7 @@ def main() -> None:
             for name in order:
                 cfg = stage_config(paths, d / f"out{r}-{name}", args.workers if name.endswith("w") else 1)
                 t, c = time.perf_counter(), cpu_seconds()
-                n = bare(paths) if name == "bare" else stage(cfg)
+                n = bare(paths) if name == "bare" else reader(paths) if name == "reader" else stage(cfg)
                 rates[name] = n / (time.perf_counter() - t)
                 cpu[name] = n / (cpu_seconds() - c)
                 best[name] = max(best[name], rates[name])
