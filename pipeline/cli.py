@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if any(a in ("-h", "--help") for a in rest) and command not in ("generate", "exp", "lineage"):
+    if any(a in ("-h", "--help") for a in rest) and command not in ("generate", "export", "exp", "lineage"):
         print(_usage())
         return 0
     try:
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 return lineage_main(rest)
             raise PipelineError(
                 f"unknown stage or command {command!r}; expected one of: "
-                f"{', '.join([*STAGES, 'run', 'generate', 'exp', 'lineage'])}"
+                f"{', '.join([*STAGES, 'run', 'generate', 'export', 'exp', 'lineage'])}"
             )
         except (HydraException, OmegaConfBaseException) as e:
             raise PipelineError(f"config error: {_one_line(e)}") from e
