@@ -54,31 +54,47 @@ def pydoc_texts(limit: int = 200) -> list[str]:
     return texts
 
 
-def build_corpus(root: Path, copies: int, texts: list[str] | None = None) -> None:
+def build_corpus(root: Path, copies: int, texts: list[str] | None = None, rows_per_file: int = 200) -> None:
     out = root / "data" / "clean"
     out.mkdir(parents=True, exist_ok=True)
     texts = texts if texts is not None else pydoc_texts()
     n = 0
     for c in range(copies):  # written copy by copy: a 10x corpus never sits in memory
         rows = [{"id": doc_id(f"{c}:{t}"), "text": t, "url": f"bench:{c}", "source": "bench", "raw_id": ""} for t in texts]
-        for i in range(0, len(rows), 200):
-            pq.write_table(pa.Table.from_pylist(rows[i : i + 200]), out / f"part-{n:05d}.parquet")
+        for i in range(0, len(rows), rows_per_file):
+            pq.write_table(pa.Table.from_pylist(rows[i : i + rows_per_file]), out / f"part-{n:05d}.parquet")
             n += 1
 
 
-def _rss_of_stage(root: Path, tok_dir: Path, workers: int) -> tuple[float, float]:
-    """(seconds, peak RSS MiB of the largest process) of the shard stage in a fresh interpreter."""
-    code = (
-        "import resource, sys, time; sys.path.insert(0, %r)\n"
-        "from pipeline import config, shard\n"
-        "cfg = config.load(['paths.root=%s', 'paths.tokenizer=%s', 'executor.workers=%d'])\n"
-        "t = time.perf_counter(); shard.run(cfg); s = time.perf_counter() - t\n"
-        "me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-        "print(s, max(me, kids) / 1024)\n"
-    ) % (str(Path(__file__).resolve().parent.parent), root, tok_dir, workers)
+_MEASURE = """
+import sys, threading, time
+sys.path.insert(0, %r)
+import psutil
+from pipeline import config, shard
+me, peak, done = psutil.Process(), [0, 0], threading.Event()
+
+def sample():  # current RSS of this process and its workers (ru_maxrss would inherit the parent's)
+    while not done.is_set():
+        try:
+            rss = [p.memory_info().rss for p in [me, *me.children(recursive=True)]]
+        except psutil.Error:
+            continue
+        peak[0], peak[1] = max(peak[0], max(rss)), max(peak[1], sum(rss))
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+cfg = config.load(["paths.root=%s", "paths.tokenizer=%s", "executor.workers=%d", *sys.argv[1:]])
+t = time.perf_counter(); shard.run(cfg); s = time.perf_counter() - t
+done.set()
+print(s, peak[0] / 2**20, peak[1] / 2**20)
+"""
+
+
+def _rss_of_stage(root: Path, tok_dir: Path, workers: int) -> tuple[float, float, float]:
+    """(seconds, peak RSS MiB of the largest process, peak of the sum) of the shard stage."""
+    code = _MEASURE % (str(Path(__file__).resolve().parent.parent), root, tok_dir, workers)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return float(out[0]), float(out[1])
+    return float(out[0]), float(out[1]), float(out[2])
 
 
 def main() -> None:
@@ -87,6 +103,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also compare peak RSS on a corpus 10x larger")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory comparison")
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-shard-"))
     if not (root / "data" / "clean").is_dir():
@@ -94,10 +111,16 @@ def main() -> None:
     cfg = config.load([f"paths.root={root}", f"executor.workers={args.workers}"])
     if not (root / "data" / "tokenizer" / "tokenizer.json").is_file():
         tokenizer.run(cfg)
+    if not args.memory_only:
+        speed(root, cfg, args.workers)
+    if args.memory or args.memory_only:
+        memory(root / "data" / "tokenizer", args.workers)
+
+
+def speed(root: Path, cfg, workers: int) -> None:
     texts = [r["text"] for r in iter_rows(root / "data" / "clean", columns=["text"])]
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     tok = tokenizer.load(root / "data" / "tokenizer")
-
     t = time.perf_counter()
     summary = shard.run(cfg)
     stage_s = time.perf_counter() - t
@@ -109,7 +132,7 @@ def main() -> None:
 
     fast = tokenizer.FastEncoder(tok)
     t = time.perf_counter()
-    tk = fast.enc.encode_ordinary_batch(texts, num_threads=args.workers)
+    tk = fast.enc.encode_ordinary_batch(texts, num_threads=workers)
     tk_s = time.perf_counter() - t
 
     # identical ids: tiktoken (ranks mapped to ids) == tokenizers == what the stage wrote
@@ -123,24 +146,26 @@ def main() -> None:
     assert stage_docs == sorted(tuple(e.ids) for e in hf), "stage ids differ from tokenizers"
 
     print(f"corpus: {len(texts)} docs, {mb:.1f} MB, {bare_tokens} tokens, vocab {tok.get_vocab_size()}, cpus={os.cpu_count()}")
-    print(f"shard stage ({summary['encoder']}, workers={args.workers}): {mb / stage_s:7.2f} MB/s ({stage_s:.2f} s, "
+    print(f"shard stage ({summary['encoder']}, workers={workers}): {mb / stage_s:7.2f} MB/s ({stage_s:.2f} s, "
           f"fallback docs {summary['fallback_docs']}, verified docs {summary['verified_docs']})")
     print(f"bare tokenizers encode_batch  : {mb / bare_s:7.2f} MB/s ({bare_s:.2f} s)")
-    print(f"bare tiktoken, same vocab ({args.workers} thr): {mb / tk_s:7.2f} MB/s ({tk_s:.2f} s), ids identical")
+    print(f"bare tiktoken, same vocab ({workers} thr): {mb / tk_s:7.2f} MB/s ({tk_s:.2f} s), ids identical")
     print(f"ratio stage / encode_batch    : {bare_s / stage_s:.2f}x  (goal >= 3x)")
     print(f"ratio stage / bare tiktoken   : {tk_s / stage_s:.2f}x")
 
-    if args.memory:
-        big = Path(tempfile.mkdtemp(prefix="bench-shard-10x-"))
-        small = Path(tempfile.mkdtemp(prefix="bench-shard-1x-"))
-        base = pydoc_texts()
-        build_corpus(small, 1, base)
-        build_corpus(big, 10, base)
-        tok_dir = root / "data" / "tokenizer"
-        s1, m1 = _rss_of_stage(small, tok_dir, args.workers)
-        s10, m10 = _rss_of_stage(big, tok_dir, args.workers)
-        print(f"peak RSS 1x corpus : {m1:7.1f} MiB ({s1:.1f} s)")
-        print(f"peak RSS 10x corpus: {m10:7.1f} MiB ({s10:.1f} s), ratio {m10 / m1:.2f}")
+
+def memory(tok_dir: Path, workers: int) -> None:
+    """Peak RSS of the stage on the corpus and on 10 copies of it (distinct ids), same tokenizer."""
+    big = Path(tempfile.mkdtemp(prefix="bench-shard-10x-"))
+    small = Path(tempfile.mkdtemp(prefix="bench-shard-1x-"))
+    base = pydoc_texts()
+    build_corpus(small, 1, base, rows_per_file=100)  # two files: both runs use every worker
+    build_corpus(big, 10, base, rows_per_file=100)
+    s1, m1, t1 = _rss_of_stage(small, tok_dir, workers)
+    s10, m10, t10 = _rss_of_stage(big, tok_dir, workers)
+    print(f"peak RSS 1x corpus : {m1:7.1f} MiB largest process, {t1:7.1f} MiB all processes ({s1:.1f} s)")
+    print(f"peak RSS 10x corpus: {m10:7.1f} MiB largest process, {t10:7.1f} MiB all processes ({s10:.1f} s); "
+          f"ratio {m10 / m1:.2f} / {t10 / t1:.2f}")
 
 
 if __name__ == "__main__":

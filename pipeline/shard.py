@@ -98,26 +98,15 @@ def _encode_shard_inner(job: dict) -> dict:
     outs = {s: open(Path(job["work"]) / f"{job['index']:05d}.{s}.bin", "wb") for s in SPLITS}
     row = -1
     try:
-        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=int(job["batch_docs"]), columns=["id", "text"]):
-            ids_col, texts_col = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-            docs = []
-            for doc_id, text in zip(ids_col, texts_col):
-                row += 1
-                reason = None if valid_id(doc_id) else "bad id"
-                if reason is None and not isinstance(text, str):
-                    reason = "no text"
-                if reason:
-                    bad[reason] = bad.get(reason, 0) + 1
-                    log.warning("%s row %d: %s (%r): skipped", parquet, row, reason, doc_id)
-                    continue
-                docs.append((row, doc_id, text))
+        def encode(docs: list[tuple[int, str, str]]) -> None:
+            nonlocal verified
             texts = [t for _, _, t in docs]
             if fast is not None:
                 encoded = fast.encode(texts, int(job.get("threads", 1)))
                 check = [i for i, (_, d, _) in enumerate(docs) if _verify_pick(d, verify_fraction)]
                 if check:
                     windows = [_verify_window(texts[i], int(job["verify_chars"])) for i in check]
-                    for i, w, ours, truth in zip(check, windows, fast.encode(windows), encode_plain(tok, windows)):
+                    for i, ours, truth in zip(check, fast.encode(windows), encode_plain(tok, windows)):
                         if not np.array_equal(ours, np.asarray(truth, dtype=np.uint32)):
                             raise _Mismatch(f"{parquet} row {docs[i][0]} (id {docs[i][1]})")
                     verified += len(check)
@@ -138,6 +127,27 @@ def _encode_shard_inner(job: dict) -> dict:
                 m["key"].append(_order_key(seed, doc_id) if job["shuffle"] else 0)
                 m["row"].append(r)
                 m["len"].append(len(out))
+
+        # batches bounded by bytes as well as documents, so memory does not depend on document sizes
+        docs: list[tuple[int, str, str]] = []
+        held = 0
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=64, columns=["id", "text"]):
+            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                row += 1
+                reason = None if valid_id(doc_id) else "bad id"
+                if reason is None and not isinstance(text, str):
+                    reason = "no text"
+                if reason:
+                    bad[reason] = bad.get(reason, 0) + 1
+                    log.warning("%s row %d: %s (%r): skipped", parquet, row, reason, doc_id)
+                    continue
+                docs.append((row, doc_id, text))
+                held += len(text)
+                if len(docs) >= int(job["batch_docs"]) or held >= int(job["batch_chars"]):
+                    encode(docs)
+                    docs, held = [], 0
+        if docs:
+            encode(docs)
     finally:
         for f in outs.values():
             f.close()
@@ -283,6 +293,7 @@ def run(cfg) -> dict:
                 "dtype": dtype.str,
                 "val_fraction": float(sc.val_fraction),
                 "batch_docs": int(sc.batch_docs),
+                "batch_chars": int(sc.get("batch_chars", 4_000_000)),
                 "encoder": encoder,
                 "verify_fraction": float(sc.get("verify_fraction", 0.05)),
                 "verify_chars": int(sc.get("verify_chars", 4000)),

@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -442,6 +443,21 @@ def _measure(texts: list[str], ids: list[np.ndarray], gpt2) -> dict:
     return out
 
 
+def _val_texts(files: Sequence[Path], val_fraction: float, cap: int) -> list[str]:
+    """Validation documents in shard order, up to `cap` bytes (only their text is converted)."""
+    texts, total = [], 0
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["id", "text"], batch_size=512):
+            keep = [valid_id(i) and is_val(i, val_fraction) for i in batch.column(0).to_pylist()]
+            for text in batch.filter(pa.array(keep)).column(1).to_pylist():
+                if total >= cap:
+                    return texts
+                if text is not None:
+                    texts.append(text)
+                    total += len(text.encode("utf-8"))
+    return texts
+
+
 def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     """Bytes per token on the validation split, overall and per language, plus checks."""
     fast, why = fast_encoder(tok)
@@ -449,14 +465,7 @@ def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     gpt2, gpt2_note = _gpt2_encoder()
     cap = int(cfg.tokenizer.get("stats_max_bytes", 20_000_000))
     val_fraction = float(cfg.shard.val_fraction)
-    texts, total = [], 0
-    for row in _rows(files):
-        if row["text"] is None or not valid_id(row["id"]) or not is_val(row["id"], val_fraction):
-            continue
-        if total >= cap:
-            break
-        texts.append(row["text"])
-        total += len(row["text"].encode("utf-8"))
+    texts = _val_texts(files, val_fraction, cap)
     ids = encode(texts)
     stats: dict = {"val": {**_measure(texts, ids, gpt2), "capped_at_bytes": cap}}
     by_lang: dict[str, list[int]] = {}
@@ -482,7 +491,7 @@ def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     stats["bytes_per_token"] = stats["val"]["bytes_per_token"]
 
     # round trip with the source of truth, and the fast encoder against it, on a bounded sample
-    check_cap = int(cfg.tokenizer.get("check_bytes", 300_000))
+    check_cap = int(cfg.tokenizer.get("check_bytes", 100_000))
     sample, n = [], 0
     for t in texts:
         if n >= check_cap:
