@@ -16,6 +16,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,8 @@ class RawShardWriter:
         self.buffered_bytes = 0
         self.files: list[dict] = []
         self.rows = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def write(self, row: dict, nbytes: int) -> None:
         if self.max_shard_bytes and self.buffered_rows and self.buffered_bytes + nbytes > self.max_shard_bytes:
@@ -162,7 +165,10 @@ class RawShardWriter:
             return
         name = f"{self.prefix}-{len(self.files):05d}.parquet"
         table = pa.Table.from_pydict(self.cols, schema=RAW_SCHEMA)
-        pq.write_table(table, self.out_dir / name, compression="zstd")
+        # encoding + zstd release the GIL: done on a second thread, they overlap with reading
+        # the next shard's records; at most one shard is in flight, so memory stays bounded
+        self._wait()
+        self._pending = self._pool().submit(pq.write_table, table, self.out_dir / name, compression="zstd")
         self.files.append({"name": name, "rows": self.buffered_rows})
         self.part_bytes.append(self.buffered_bytes)
         self.rows += self.buffered_rows
@@ -172,14 +178,38 @@ class RawShardWriter:
     def add_part(self, part: ShardPart) -> None:
         """Take over a shard written elsewhere as the next one (after what is buffered)."""
         self.flush()
+        self._wait()
         name = f"{self.prefix}-{len(self.files):05d}.parquet"
         os.replace(part.path, self.out_dir / name)
         self.files.append({"name": name, "rows": part.rows, **({"input": part.input} if part.input else {})})
         self.part_bytes.append(part.bytes)
         self.rows += part.rows
 
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
+        return self._executor
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a failed write fails the stage here
+
+    def abort(self) -> None:
+        """Stop without writing what is buffered (the stage failed); waits for a write in flight."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._pending = None
+
     def close(self) -> list[dict]:
-        self.flush()
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
         return self.files
 
 
@@ -210,14 +240,18 @@ def _run(cfg, kind: str, source, max_shard_bytes: int, timer: Timer, closers: li
         ctx.on_close = closers
         writer = RawShardWriter(tmp, int(cfg.source.rows_per_shard), max_shard_bytes)
         bytes_out = 0
-        for row in source(cfg.source, ctx):
-            if isinstance(row, ShardPart):
-                writer.add_part(row)
-                bytes_out += row.bytes
-                continue
-            n = content_bytes(row)
-            bytes_out += n
-            writer.write(row, n)
+        try:
+            for row in source(cfg.source, ctx):
+                if isinstance(row, ShardPart):
+                    writer.add_part(row)
+                    bytes_out += row.bytes
+                    continue
+                n = content_bytes(row)
+                bytes_out += n
+                writer.write(row, n)
+        except BaseException:
+            writer.abort()  # no write may still be running when atomic_dir removes the temp dir
+            raise
         shards = writer.close()
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         unchanged = ctx.docs.get("not_modified", 0) + ctx.docs.get("unchanged", 0)
