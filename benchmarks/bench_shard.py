@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import config, shard, tokenizer  # noqa: E402
-from pipeline.artifacts import doc_id, iter_rows  # noqa: E402
+from pipeline import config, shard, tokenizer
+from pipeline.artifacts import doc_id, iter_rows
 
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}
 

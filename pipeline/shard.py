@@ -27,11 +27,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import Timer, atomic_dir, parquet_files, require_dir, sha256_file, write_json, write_summary
+from pipeline.artifacts import (
+    Timer,
+    atomic_dir,
+    parquet_files,
+    require_dir,
+    sha256_file,
+    write_json,
+    write_summary,
+)
 from pipeline.errors import PipelineError
 from pipeline.executor import map_ordered
 from pipeline.splits import is_val
-from pipeline.tokenizer import EOT, encode_plain, fast_encoder, token_byte_lengths, valid_id
+from pipeline.tokenizer import (
+    EOT,
+    encode_plain,
+    fast_encoder,
+    token_byte_lengths,
+    valid_id,
+)
 from pipeline.tokenizer import load as load_tokenizer
 
 log = logging.getLogger(__name__)

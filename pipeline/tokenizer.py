@@ -28,9 +28,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
-from pipeline.artifacts import Timer, atomic_dir, iter_rows, parquet_files, require_dir, sha256_file, write_json, write_summary
+from pipeline.artifacts import (
+    Timer,
+    atomic_dir,
+    parquet_files,
+    require_dir,
+    sha256_file,
+    write_json,
+    write_summary,
+)
 from pipeline.errors import PipelineError
 from pipeline.splits import is_val
 
@@ -325,11 +341,6 @@ def _sample_key(seed: int, doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
 
 
-def _rows(files: Path | Sequence[Path]) -> Iterator[dict]:
-    for f in [files] if isinstance(files, (str, Path)) else files:
-        yield from iter_rows(f, columns=["id", "text"])
-
-
 def _train_ids_and_sizes(clean_dir: Path, val_fraction: float, seed: int):
     """Sample keys and UTF-8 sizes of the training documents (text is read, never kept),
     the readable shards, and the unreadable ones (named, counted, skipped)."""
@@ -364,16 +375,19 @@ def sample_threshold(keys: np.ndarray, sizes: np.ndarray, max_bytes: int) -> int
 
 
 def train_texts(files, val_fraction: float, seed: int, threshold: int | None, seen: dict) -> Iterator[str]:
-    """The training sample, streamed in shard order: training documents whose key <= threshold."""
-    for row in _rows(files):
-        doc_id, text = row["id"], row["text"]
-        if text is None or not valid_id(doc_id) or is_val(doc_id, val_fraction):
-            continue
-        if threshold is not None and _sample_key(seed, doc_id) > threshold:
-            continue
-        seen["bytes"] += len(text.encode("utf-8"))
-        seen["docs"] += 1
-        yield text
+    """The training sample, streamed in shard order: training documents whose key <= threshold.
+
+    Filtering happens on the id column, so only the kept texts become Python strings."""
+    for f in [files] if isinstance(files, (str, Path)) else files:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["id", "text"], batch_size=256):
+            keep = [
+                valid_id(i) and not is_val(i, val_fraction) and (threshold is None or _sample_key(seed, i) <= threshold)
+                for i in batch.column(0).to_pylist()
+            ]
+            texts = batch.filter(pa.array(keep)).column(1).drop_null()
+            seen["bytes"] += int(pc.sum(pc.binary_length(texts)).as_py() or 0)
+            seen["docs"] += len(texts)
+            yield from texts.to_pylist()
 
 
 def training_sample(cfg) -> tuple[list[Path], int | None, dict]:
@@ -389,7 +403,7 @@ def training_sample(cfg) -> tuple[list[Path], int | None, dict]:
         "keys that fit in max_train_bytes; all of them when they fit",
         "seed": seed,
         "max_train_bytes": int(cfg.tokenizer.max_train_bytes),
-        "available_docs": int(len(keys)),
+        "available_docs": len(keys),
         "available_bytes": int(sizes.sum()),
         "bad_files": bad,
     }

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+from conftest import write_clean_corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from conftest import write_clean_corpus
 from pipeline import config, tokenizer
 
 MULTILINGUAL = [
     "json 模块可以把 Python 对象编码为 JSON 文本。列表是一种可变序列，切片会返回新列表。",
     "日本語のテキスト、한국어 텍스트, русский текст, ελληνικά, עברית, العربية, हिन्दी",
     "emoji: 🙂👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ and skin tones, ZWJ sequences and flags",
-    "tabs\tand\t\ttabs, CRLF\r\nlines\r\n\r\n, NBSP\u00a0here, ideographic\u3000space, zero\u200bwidth, "
-    "em\u2003space, line\u2028separator, trailing spaces   \n   leading\n\n\n\n",
+    (
+        "tabs\tand\t\ttabs, CRLF\r\nlines\r\n\r\n, NBSP\u00a0here, ideographic\u3000space, zero\u200bwidth, "
+        "em\u2003space, line\u2028separator, trailing spaces   \n   leading\n\n\n\n"
+    ),
     "combining: e\u0301 vs é, ﬁ ligature, Ångström, ß, İstanbul, ＦＵＬＬＷＩＤＴＨ, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
     "literal specials are text: <|endoftext|> <|user|>hi<|end|> and '<|pad|>'",
     "code:\n    def f(x):\n        return {'a': [1, 2_000, 3.5e-7], \"b\": None}  # ok\n" + " " * 40 + "x",
@@ -113,4 +114,4 @@ def test_unconvertible_tokenizers_say_why():
     spec["pre_tokenizer"] = {"type": "Whitespace"}
     fast, why = tokenizer.fast_encoder(Tokenizer.from_str(json.dumps(spec)))
     assert fast is None and "pre-tokenizer" in why
-    assert np.all(tokenizer.FastEncoder(_toy_bpe([("a", "b")])).unsafe == False)  # noqa: E712
+    assert not tokenizer.FastEncoder(_toy_bpe([("a", "b")])).unsafe.any()

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_cli
+
 from pipeline import config, shard, tokenizer
 from pipeline.artifacts import doc_id, hash_tree, iter_rows, sha256_file
 from pipeline.errors import PipelineError
@@ -38,7 +39,7 @@ def test_tokenizer_trains_bpe_with_special_tokens(clean_corpus):
     # validation documents are not used to train the vocabulary
     ids_all = [r["id"] for r in iter_rows(cfg.paths.clean, columns=["id"])]
     assert summary["train_docs"] == sum(not is_val(i, 0.25) for i in ids_all)
-    stats = json.loads(open(f"{cfg.paths.tokenizer}/stats.json").read())
+    stats = json.loads(Path(f"{cfg.paths.tokenizer}/stats.json").read_text())
     assert 2.0 < stats["bytes_per_token"] < 8.0
     assert stats["vocab_size"] == 1024 and stats["pattern"] == "gpt2"
     # bytes per token on the validation split, per language; Chinese from the shipped sample
@@ -106,7 +107,7 @@ def test_shard_index_split_shuffle_and_roundtrip(clean_corpus):
     tokenizer.run(cfg)
     summary = shard.run(cfg)
     assert summary["encoder"] == "tiktoken" and summary["verified_docs"] == summary["train_docs"] + summary["val_docs"]
-    index = json.loads(open(f"{cfg.paths.shards}/index.json").read())
+    index = json.loads(Path(f"{cfg.paths.shards}/index.json").read_text())
     assert index["dtype"] == "uint16" and index["eot_id"] == 0
     assert index["split"]["val_fraction"] == 0.25 and "is_val" in index["split"]["rule"]
     assert index["order"]["shuffle"] is True and index["order"]["seed"] == cfg.seed
@@ -203,15 +204,15 @@ def test_verify_names_the_corrupt_file(clean_corpus):
     index = shard.read_index(cfg.paths.shards)
     victim = index["splits"]["train"]["files"][1]["name"]
     path = f"{cfg.paths.shards}/{victim}"
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0x01
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     report = shard.verify(cfg.paths.shards, cfg.paths.tokenizer)
     assert not report["ok"] and len(report["problems"]) == 1 and report["problems"][0].startswith(f"{victim}: corrupt")
     res = run_cli("shard", "--verify", f"paths.root={clean_corpus}")
     assert res.returncode == 1 and f"CORRUPT {victim}: corrupt" in res.stdout, res.stdout + res.stderr
     # a truncated file and a changed tokenizer are named too
-    open(path, "wb").write(bytes(data[:-2]))
+    Path(path).write_bytes(bytes(data[:-2]))
     (clean_corpus / "data/tokenizer/tokenizer.json").write_text(
         (clean_corpus / "data/tokenizer/tokenizer.json").read_text() + "\n"
     )
