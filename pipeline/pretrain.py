@@ -2,9 +2,14 @@
 
 Reads `paths.shards/index.json` (+ the .bin files, memory-mapped) and
 `paths.tokenizer/tokenizer.json`; writes `paths.pretrain/` atomically:
-`checkpoints/last.ckpt`, `metrics.csv` (step, epoch, train_loss, val_loss, lr),
-`meta.json`, `tokenizer.json`, `hf/` (LlamaForCausalLM export) and `_summary.json`.
-An interrupted run with the same config resumes from its last checkpoint.
+`checkpoints/last.ckpt` and `checkpoints/best.ckpt` (lowest val loss), `metrics.csv`
+(step, train_loss, val_loss, val_bpb, lr, tokens_per_s, mfu), `tensorboard/` event files,
+`meta.json`, `tokenizer.json`, `hf/` (LlamaForCausalLM / GPT2LMHeadModel export) and
+`_summary.json`. An interrupted run with the same config resumes from its last checkpoint.
+
+`model=lstm` trains the recurrent baseline on the same data and loop; `pretrain.objective=mlm`
+trains the transformer BERT-style (bidirectional, 15 % of tokens corrupted) for comparing the
+two families. Neither is a causal transformer, so neither gets an `hf/` export.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from pipeline.artifacts import Timer, write_summary
 from pipeline.config import config_hash, to_container
@@ -21,11 +27,14 @@ from pipeline.export import export_hf
 from pipeline.model import build_model
 from pipeline.model.lightning import LitGPT, ShardDataModule
 from pipeline.shard import read_index
+from pipeline.model.gpt import GPTConfig
 from pipeline.tokenizer import load as load_tokenizer
+from pipeline.tokenizer import token_byte_lengths
 from pipeline.model.trainer import cleanup_stale, find_resume, fit, is_rank_zero, output_dir, setup_torch, write_meta
 
 # keys that change how long or how loudly a run goes, not what it computes
-_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every")
+_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard",
+             "peak_flops")
 
 
 def fingerprint(cfg, index: dict) -> str:
@@ -55,13 +64,23 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     L.seed_everything(int(cfg.seed), verbose=False)
 
     max_steps = int(pc.max_steps)
-    model = build_model(cfg.model, vocab)  # validates the model config before anything is written
-    block_size = model.cfg.block_size
+    objective = str(pc.get("objective", "clm"))
+    model_dict = {**to_container(cfg.model)}
+    kind = str(model_dict.get("kind", "gpt"))
+    if objective == "mlm":
+        if kind != "gpt":
+            raise PipelineError(f"pretrain.objective=mlm needs the transformer (model.kind=gpt), not {kind!r}")
+        model_dict["causal"] = False
+        vocab += 1  # the mask token: one id past the tokenizer's vocabulary
+    model = build_model(model_dict, vocab)  # validates the model config before anything is written
+    block_size = int(getattr(model.cfg, "block_size", 0) or model_dict.get("block_size") or 0)
+    if block_size <= 0:
+        raise PipelineError(f"model.block_size must be set (the training context) for model.kind={kind}")
     fp = fingerprint(cfg, index)
     dm = ShardDataModule(shards_dir, block_size, int(pc.batch_size), int(cfg.seed), max_steps, int(pc.val_batches),
                          str(pc.get("sampling", "epoch")))
     module = LitGPT(
-        model=model.cfg.to_dict(),
+        model={"kind": kind, **model.cfg.to_dict()},
         vocab_size=vocab,
         lr=float(pc.lr),
         min_lr=float(pc.min_lr),
@@ -73,6 +92,11 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         optimizer=str(pc.get("optimizer", "adamw")),
         fingerprint=fp,
         stage="pretrain",
+        schedule=str(pc.get("schedule", "cosine")),
+        decay_frac=float(pc.get("decay_frac", 0.2)),
+        objective=objective,
+        seed=int(cfg.seed),
+        token_bytes=_token_bytes(tokenizer, vocab),
     )
     module.model.load_state_dict(model.state_dict())
 
@@ -84,8 +108,9 @@ def run(cfg, callbacks: tuple = ()) -> dict:
             summary = finish_run(
                 work, module.model, tokenizer, tok_dir / "tokenizer.json", "pretrain", cfg, timer, result,
                 inputs={"shards": shards_dir, "tokenizer": tok_dir},
-                batch_size=int(pc.batch_size),
-                extra={"train_tokens": int(index["splits"]["train"].get("tokens", 0)),
+                batch_size=int(pc.batch_size), block_size=block_size,
+                extra={"objective": objective, "model_kind": kind,
+                       "train_tokens": int(index["splits"]["train"].get("tokens", 0)),
                        "val_tokens": int(index["splits"].get("val", {}).get("tokens", 0))},
             )
     if is_rank_zero():
@@ -93,16 +118,42 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     return summary
 
 
-def finish_run(work, model, tokenizer, tokenizer_file, stage, cfg, timer, result, inputs, batch_size, extra=None):
+def _token_bytes(tokenizer, vocab: int) -> torch.Tensor:
+    """UTF-8 bytes per token id (0 for special tokens and ids past the tokenizer), for val bits per byte."""
+    lengths = torch.zeros(vocab, dtype=torch.long)
+    tb = torch.as_tensor(token_byte_lengths(tokenizer), dtype=torch.long)[:vocab]
+    lengths[: len(tb)] = tb
+    return lengths
+
+
+def not_exportable(model) -> str | None:
+    """Why `hf/` cannot hold this model (None: it can): only a causal transformer without
+    QK-norm has a `transformers` twin (Llama or GPT-2)."""
+    cfg = model.cfg
+    if not isinstance(cfg, GPTConfig):
+        return "the LSTM baseline has no transformers architecture"
+    if not cfg.causal:
+        return "a masked-LM (bidirectional) model is not a causal LM"
+    if cfg.qk_norm:
+        return "Llama and GPT-2 have no QK-norm"
+    return None
+
+
+def finish_run(work, model, tokenizer, tokenizer_file, stage, cfg, timer, result, inputs, batch_size, extra=None,
+               block_size=None):
     """meta.json, tokenizer.json, hf/ export and _summary.json for a finished training run."""
     work = Path(work)
     shutil.copyfile(tokenizer_file, work / "tokenizer.json")
     model = model.float().cpu().eval()
-    write_meta(work, model, stage, result["steps"])
-    export_hf(model, tokenizer, work / "hf")
-    block = model.cfg.block_size
-    tokens = result["steps"] * batch_size * block * result["world_size"]
-    run_tokens = result["steps_this_run"] * batch_size * block * result["world_size"]
+    block = int(block_size or model.cfg.block_size)
+    write_meta(work, model, stage, result["steps"], **({} if getattr(model.cfg, "block_size", None) else
+                                                        {"block_size": block}))
+    skip = not_exportable(model)
+    if skip is None:
+        export_hf(model, tokenizer, work / "hf")
+    per_step = batch_size * block * result["world_size"] * int(result.get("accumulate", 1))
+    tokens = result["steps"] * per_step
+    run_tokens = result["steps_this_run"] * per_step
     secs = result["train_seconds"] or float("nan")
     fields = {
         **result,
@@ -110,6 +161,8 @@ def finish_run(work, model, tokenizer, tokenizer_file, stage, cfg, timer, result
         "block_size": block,
         "batch_size": batch_size,
         "tokens_seen": tokens,
+        "hf_export": None if skip else "hf",
+        **({"hf_export_skipped": skip} if skip else {}),
         "tokens_per_s": round(run_tokens / secs, 1) if result["steps_this_run"] else None,
         "steps_per_s": round(result["steps_this_run"] / secs, 3) if result["steps_this_run"] else None,
         **(extra or {}),

@@ -12,7 +12,8 @@ from pipeline.export import to_llama
 from pipeline.generate import generate, generate_ids
 from pipeline.model import build_model
 from pipeline.model.gpt import GPT, GPTConfig, apply_rope, rotate_half
-from pipeline.model.lightning import StepSampler, WindowBatches, collate, fixed_windows, lr_at
+from pipeline.model.lightning import (StepSampler, WindowBatches, collate, fixed_windows, flops_per_token,
+                                      lr_at, mlm_mask)
 
 MICRO = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, d_model=32, mlp_hidden=48, rope_theta=500.0)
 
@@ -94,7 +95,9 @@ def test_build_model_from_config_group():
     assert model.cfg.vocab_size == 4096
     assert model.cfg.d_model == cfg.model.d_model and model.cfg.block_size == cfg.model.block_size
     with pytest.raises(PipelineError, match="kind"):
-        build_model({**dict(cfg.model), "kind": "lstm"}, 100)
+        build_model({**dict(cfg.model), "kind": "rnn"}, 100)
+    lstm = build_model(load(["model=lstm"]).model, 100)
+    assert type(lstm).__name__ == "LSTMLM" and lstm(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 100)
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -245,3 +248,72 @@ def test_epoch_sampling_visits_every_window_once_per_epoch():
     assert sorted(torch.cat([r0[3][0], r1[3][0]])[:, 0].tolist()) == sorted(ds[3][0][:, 0].tolist())
     random = WindowBatches(arrays, 16, 4, seed=5, sampling="random")
     assert torch.equal(random[7][0], WindowBatches(arrays, 16, 4, seed=5, sampling="random")[7][0])
+
+
+def test_wsd_schedule_warmup_stable_then_linear_decay():
+    lrs = [lr_at(s, 1.0, 0.1, 10, 100, "wsd", 0.2) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) for v in lrs[10:80])  # stable until the last 20 %
+    assert lrs[90] == pytest.approx(0.55) and lrs[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(50, 1.0, 0.1, 10, 100, "step")
+
+
+def test_adamw_weight_decay_only_on_matrices():
+    from pipeline.model.optim import build_optimizer
+
+    model = micro(qk_norm=True)
+    opt = build_optimizer(model, "adamw", 1e-3, (0.9, 0.95), 0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any("q_norm" in names[id(p)] for p in no_decay["params"])  # norms (incl. QK-norm) never decay
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_bidirectional_attention_sees_the_future_and_qk_norm_normalises_heads():
+    model = micro(causal=False)
+    idx = torch.randint(0, 97, (2, 24))
+    changed = idx.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 97
+    with torch.no_grad():
+        assert (model(idx)[:, :20] - model(changed)[:, :20]).abs().max() > 1e-4  # non-causal: the past moves too
+    qk = micro(qk_norm=True)
+    assert isinstance(qk.blocks[0].attn.q_norm, torch.nn.Module)
+    seen = {}
+    hook = qk.blocks[0].attn.q_norm.register_forward_hook(lambda m, i, o: seen.update(q=o.detach()))
+    with torch.no_grad():
+        out = qk(idx)
+    hook.remove()
+    assert out.shape == (2, 24, 97)
+    rms = seen["q"].pow(2).mean(-1).sqrt()  # unit RMS per head before the learned scale
+    w = qk.blocks[0].attn.q_norm.weight.detach()
+    torch.testing.assert_close(rms, torch.full_like(rms, float((w**2).mean().sqrt())), rtol=0.2, atol=0.2)
+    # QK-norm keeps the causal LM's contract and KV cache
+    with torch.no_grad():
+        caches = [{} for _ in qk.blocks]
+        steps = [qk(idx[:1, :10], caches=caches)] + [qk(idx[:1, t : t + 1], caches=caches, offset=t) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, 1), out[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_mlm_mask_is_bert_80_10_10_and_seeded():
+    x = torch.randint(0, 50, (64, 256))
+    g = torch.Generator().manual_seed(3)
+    inp, labels = mlm_mask(x, 99, 50, g, 0.15)
+    picked = labels != -100
+    assert 0.13 < picked.float().mean() < 0.17
+    assert torch.equal(labels[picked], x[picked]) and torch.equal(inp[~picked], x[~picked])
+    masked = (inp == 99) & picked
+    assert 0.77 < masked.sum() / picked.sum() < 0.83
+    kept = (inp == x) & picked  # 10 % unchanged (+ random tokens that happen to equal x)
+    assert 0.08 < kept.sum() / picked.sum() < 0.13
+    again = mlm_mask(x, 99, 50, torch.Generator().manual_seed(3), 0.15)
+    assert torch.equal(again[0], inp) and torch.equal(again[1], labels)
+
+
+def test_flops_per_token_counts_params_and_attention():
+    model = micro()
+    n = sum(p.numel() for p in model.parameters())
+    assert flops_per_token(model) == 6 * n + 12 * 2 * 32 * 32

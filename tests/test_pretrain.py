@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def _metrics(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _deterministic(rows: list[dict]) -> list[dict]:
+    """Metric rows without the wall-clock columns."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
+
+
 def test_outputs_layout_and_summary(trained):
     cfg, summary, cwd = trained
     out = Path(cfg.paths.pretrain)
@@ -58,6 +64,22 @@ def test_outputs_layout_and_summary(trained):
     assert on_disk["params"] > 0 and on_disk["tokens_per_s"] > 0 and on_disk["seconds"] > 0
     assert on_disk["final_val_loss"] >= on_disk["best_val_loss"] > 0
     assert set(on_disk["inputs"]) == {"shards", "tokenizer"}
+    assert on_disk["final_val_bpb"] >= on_disk["best_val_bpb"] > 0 and 0 < on_disk["mfu"] < 1
+    assert on_disk["flops_per_token"] > 6 * on_disk["params"] and on_disk["hf_export"] == "hf"
+    best = torch.load(out / on_disk["best_ckpt"], weights_only=True)
+    assert best["global_step"] == on_disk["best_step"]
+
+
+def test_tensorboard_events_hold_the_logged_metrics(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, summary, _ = trained
+    acc = EventAccumulator(str(Path(cfg.paths.pretrain) / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train_loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "mfu"} <= tags, tags
+    assert [e.step for e in acc.Scalars("val_loss")][-1] >= 39
+    assert acc.Scalars("val_loss")[-1].value == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
 
 def test_metrics_csv_has_train_and_val_loss_and_val_loss_decreases(trained):
@@ -87,6 +109,13 @@ def test_load_trained_reproduces_the_logged_val_loss(trained):
             assert logits.shape == (*x.shape, model.cfg.vocab_size)
             losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item())
     assert sum(losses) / len(losses) == pytest.approx(summary["final_val_loss"], abs=1e-4)
+    # bits per byte: the same nats over the UTF-8 bytes of the scored tokens
+    from pipeline.tokenizer import load as load_tokenizer, token_byte_lengths
+
+    lengths = token_byte_lengths(load_tokenizer(Path(cfg.paths.tokenizer)))
+    nats = sum(l * y.numel() for l, (_, y) in zip(losses, dm._val_batches()))
+    nbytes = sum(int(lengths[y.numpy()].sum()) for _, y in dm._val_batches())
+    assert summary["final_val_bpb"] == pytest.approx(nats / nbytes / math.log(2), rel=1e-4)
 
 
 def test_hf_export_matches_and_loads_in_a_text_generation_pipeline(trained):
@@ -140,7 +169,11 @@ def test_resume_after_interruption_is_exact(project, trained):
         assert torch.equal(p, q), name
     rows = _metrics(out / "metrics.csv")
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [10, 20, 30, 40]
-    assert rows == _metrics(Path(cfg_a.paths.pretrain) / "metrics.csv")
+    assert _deterministic(rows) == _deterministic(_metrics(Path(cfg_a.paths.pretrain) / "metrics.csv"))
+    best_a = torch.load(Path(cfg_a.paths.pretrain) / "checkpoints" / "best.ckpt", weights_only=True)
+    best_b = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best_a["global_step"] == best_b["global_step"], "the best checkpoint survives the resume"
+    assert (out / "tensorboard").is_dir()
     assert not list(out.parent.glob("resumed.tmp-*")), "the interrupted run's temp dir is cleaned up"
 
 

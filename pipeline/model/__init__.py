@@ -20,11 +20,16 @@ CKPT = "checkpoints/last.ckpt"
 
 
 def build_model(model_cfg, vocab_size: int) -> GPT:
-    """A freshly initialised GPT from the `model` config group (a DictConfig or dict)."""
+    """A freshly initialised model from the `model` config group (a DictConfig or dict):
+    the GPT (`kind: gpt`) or the LSTM baseline (`kind: lstm`, same `model(idx) -> logits`)."""
     d = dict(model_cfg)
     kind = d.get("kind", "gpt")
+    if kind == "lstm":
+        from pipeline.model.lstm import LSTMConfig, LSTMLM
+
+        return LSTMLM(LSTMConfig.from_dict(d, vocab_size=int(vocab_size)))
     if kind != "gpt":
-        raise PipelineError(f"model.kind={kind!r} is not supported by pipeline.model (expected 'gpt')")
+        raise PipelineError(f"model.kind={kind!r} is not supported by pipeline.model (expected 'gpt' or 'lstm')")
     return GPT(GPTConfig.from_dict(d, vocab_size=int(vocab_size)))
 
 
@@ -64,8 +69,7 @@ def load_trained(run_dir, device: str | torch.device = "cpu") -> tuple[GPT, dict
         cfg = GPTConfig.from_dict(hp["model"], vocab_size=hp["vocab_size"])
         meta = {"model": cfg.to_dict(), "vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
                 "stage": hp.get("stage"), "steps": ckpt.get("global_step")}
-    cfg = GPTConfig.from_dict(meta["model"], vocab_size=int(meta["vocab_size"]))
-    model = GPT(cfg)
+    model = build_model({"kind": meta.get("kind", "gpt"), **meta["model"]}, int(meta["vocab_size"]))
     model.load_state_dict(model_state(ckpt))
     model.to(device).eval()
     tok = run_dir / "tokenizer.json"

@@ -40,6 +40,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     arch: str = "llama"
+    causal: bool = True  # False: bidirectional attention (the masked-LM objective, `pretrain.objective=mlm`)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (steadier attention logits at high LR)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -132,11 +134,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=bias)  # q, k, v stacked by rows
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
         self.dropout = cfg.dropout
+        self.causal = cfg.causal
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps), RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos=None, sin=None, cache: dict | None = None, mask: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # incremental decoding: append this step's keys/values
@@ -145,8 +152,8 @@ class Attention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         # a cached prefix is entirely in the past, so only a multi-token query needs the causal mask
-        causal = mask is None and k.shape[2] == T
-        if mask is None and not causal and T > 1:
+        causal = self.causal and mask is None and k.shape[2] == T
+        if self.causal and mask is None and not causal and T > 1:
             raise ValueError("multi-token queries with a KV cache are not supported")
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0

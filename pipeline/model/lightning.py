@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.errors import PipelineError
-from pipeline.model.gpt import GPT, GPTConfig
+from pipeline.model.gpt import GPTConfig
 from pipeline.model.optim import build_optimizer
 from pipeline.shard import open_split, read_index
 
@@ -30,19 +30,65 @@ IGNORE = -100
 
 # ---------------------------------------------------------------- module
 
+SCHEDULES = ("cosine", "wsd")
+OBJECTIVES = ("clm", "mlm")
 
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `total` steps."""
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine",
+          decay_frac: float = 0.2) -> float:
+    """Linear warmup to `lr`, then either cosine decay to `min_lr` at `total` steps, or
+    warmup-stable-decay (`wsd`): constant `lr` until the last `decay_frac` of the run, then
+    linear decay to `min_lr`. WSD keeps the LR high for longer, and a stable-phase
+    checkpoint can be decayed later without retraining (MiniCPM, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations")."""
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
     if step >= total:
         return min_lr
+    if schedule == "wsd":
+        decay = max(1, round(total * float(decay_frac)))
+        start = max(warmup, total - decay)
+        if step < start:
+            return lr
+        return lr + (min_lr - lr) * (step - start) / max(1, total - start)
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's estimate:
+    6 per parameter (a matmul is 2 FLOPs per weight forward, 4 backward) plus attention's
+    score and value products, 12 * layers * context * width. The tied embedding is counted
+    once: its lookup is free, its use as the output layer is a matmul."""
+    n = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "cfg", None)
+    attn = 12 * cfg.n_layer * cfg.block_size * cfg.d_model if isinstance(cfg, GPTConfig) else 0
+    return float(6 * n + attn)
+
+
+def mlm_mask(x: torch.Tensor, mask_id: int, vocab: int, generator: torch.Generator, prob: float = 0.15):
+    """BERT's corruption: pick `prob` of the positions; of those 80 % become the mask token,
+    10 % a random token, 10 % stay. Returns (inputs, labels with -100 off the picked positions)."""
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    picked = u < prob
+    r = torch.rand(x.shape, generator=generator, device=x.device)
+    rand_tok = torch.randint(0, vocab, x.shape, generator=generator, device=x.device)
+    inp = torch.where(picked & (r < 0.8), torch.full_like(x, mask_id), x)
+    inp = torch.where(picked & (r >= 0.8) & (r < 0.9), rand_tok, inp)
+    labels = torch.where(picked, x, torch.full_like(x, IGNORE))
+    return inp, labels
+
+
 class LitGPT(L.LightningModule):
-    """Next-token cross-entropy on (x, y) batches; y = -100 marks positions without loss."""
+    """Cross-entropy on (x, y) batches; y = -100 marks positions without loss.
+
+    `objective="clm"`: next-token prediction with causal attention. `objective="mlm"`: the
+    same backbone without the causal mask, trained BERT-style to recover 15 % corrupted
+    tokens of x (y is unused); the mask token is one extra id past the tokenizer's vocabulary.
+    `token_bytes` (UTF-8 bytes per token id) turns the validation loss into bits per byte.
+    """
 
     def __init__(
         self,
@@ -58,60 +104,152 @@ class LitGPT(L.LightningModule):
         optimizer: str = "adamw",
         fingerprint: str = "",
         stage: str = "pretrain",
+        schedule: str = "cosine",
+        decay_frac: float = 0.2,
+        objective: str = "clm",
+        mask_prob: float = 0.15,
+        seed: int = 0,
+        token_bytes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model = GPT(GPTConfig.from_dict(model, vocab_size=vocab_size))
+        self.save_hyperparameters(ignore=["token_bytes"])
+        if objective not in OBJECTIVES:
+            raise PipelineError(f"unknown pretrain.objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if schedule not in SCHEDULES:
+            raise PipelineError(f"unknown pretrain.schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        from pipeline.model import build_model
+
+        self.model = build_model(model, vocab_size)
         # compiled forward kept outside the module tree so state_dict keys stay plain
         self._fwd: list[Callable] = [torch.compile(self.model) if compile else self.model]
+        self.register_buffer("token_bytes", None if token_bytes is None else torch.as_tensor(token_bytes, dtype=torch.long),
+                             persistent=False)
+        self._val_sums: list[float] = [0.0, 0.0]  # nats, bytes over the current validation pass
 
     def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         if segments is None:
             return self._fwd[0](idx)
         return self._fwd[0](idx, segments=segments)
 
-    def _loss(self, batch) -> torch.Tensor:
+    def _targets(self, batch, step: int, salt: int):
+        """(inputs, labels, segments) for the objective; MLM masks are seeded by (seed, step, salt)
+        so a resumed run corrupts exactly the tokens it would have."""
         x, y, *seg = batch  # packed fine-tuning rows also carry per-token example ids
-        logits = self(x, seg[0] if seg else None)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE)
+        if self.hparams.objective == "mlm":
+            g = torch.Generator(device=x.device)
+            g.manual_seed(hash((int(self.hparams.seed), int(step), int(salt), self.global_rank)) & (2**62 - 1))
+            vocab = self.model.cfg.vocab_size - 1  # the last id is the mask token
+            x, y = mlm_mask(x, vocab, vocab, g, float(self.hparams.mask_prob))
+        return x, y, seg[0] if seg else None
+
+    def _loss(self, batch, step: int = 0, salt: int = 0, reduction: str = "mean"):
+        x, y, seg = self._targets(batch, step, salt)
+        logits = self(x, seg)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
+                               reduction=reduction)
+        return loss, y
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        # batch_idx restarts at 0 on resume, always at a step boundary: its remainder is stable
+        loss, _ = self._loss(batch, self.global_step, batch_idx % max(1, self.trainer.accumulate_grad_batches))
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = [0.0, 0.0]
+
     def validation_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        nats, y = self._loss(batch, -1, batch_idx, reduction="none")
+        valid = y.view(-1) != IGNORE
+        loss = nats.sum() / valid.sum().clamp(min=1)
         self.log("val_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        if self.token_bytes is not None:
+            ids = y.view(-1)[valid]
+            self._val_sums[0] += float(nats.sum())
+            self._val_sums[1] += float(self.token_bytes[ids.clamp(max=len(self.token_bytes) - 1)].sum())
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.token_bytes is None:
+            return
+        sums = torch.tensor(self._val_sums, dtype=torch.float64, device=self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        if float(sums[1]) > 0:
+            self.log("val_bpb", float(sums[0] / sums[1]) / math.log(2), prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
         hp = self.hparams
         opt = build_optimizer(self.model, hp.optimizer, hp.lr, hp.betas, hp.weight_decay)
-        total = int(hp.max_steps)
+        total, warmup = int(hp.max_steps), int(hp.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_at(s, 1.0, hp.min_lr / hp.lr, int(hp.warmup_steps), total)
+            opt, lambda s: lr_at(s, 1.0, hp.min_lr / hp.lr, warmup, total, hp.schedule, hp.decay_frac)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class Throughput(L.Callback):
-    """Wall time spent in training steps (validation excluded), for tokens/s in the summary."""
+    """Wall time spent in training steps (validation excluded), for tokens/s in the summary;
+    every `log_every` optimizer steps it also logs tokens/s and MFU (model FLOPs utilisation:
+    achieved FLOPs / `peak_flops` per device) to the loggers and the progress bar.
 
-    def __init__(self) -> None:
+    The per-step cost is two `perf_counter` calls; the rest happens once per log interval.
+    """
+
+    def __init__(self, tokens_per_step: int = 0, flops_per_token: float = 0.0, peak_flops: float | None = None,
+                 log_every: int = 0) -> None:
         self.train_seconds = 0.0
         self.steps = 0
+        self.tokens_per_step, self.flops_per_token = int(tokens_per_step), float(flops_per_token)
+        self.peak_flops = float(peak_flops) if peak_flops else None
+        self.log_every = int(log_every)
         self._t = None
+        self._start_step = 0
+        self._mark = (0, 0.0)  # (global step, train seconds) at the last log
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self._start_step = int(trainer.global_step)
+        self._mark = (self._start_step, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._t is not None:
-            self.train_seconds += time.perf_counter() - self._t
-            self.steps += 1
-            self._t = None
+        if self._t is None:
+            return
+        self.train_seconds += time.perf_counter() - self._t
+        self._t = None
+        step = int(trainer.global_step)
+        self.steps = step - self._start_step
+        if not (self.log_every and self.tokens_per_step) or step % self.log_every or step == self._mark[0]:
+            return
+        secs = self.train_seconds - self._mark[1]
+        tps = (step - self._mark[0]) * self.tokens_per_step / max(secs, 1e-9)
+        self._mark = (step, self.train_seconds)
+        self.last = {"tokens_per_s": tps}
+        if self.peak_flops and self.flops_per_token:
+            self.last["mfu"] = tps * self.flops_per_token / (self.peak_flops * trainer.world_size)
+        for k, v in self.last.items():
+            pl_module.log(k, v, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
+
+
+class DataDigest(L.Callback):
+    """A running hash of the token ids this rank trained on (cheap: xxhash over each batch's
+    bytes), so a distributed run can show that its ranks read distinct data."""
+
+    def __init__(self) -> None:
+        import xxhash
+
+        self._h = xxhash.xxh64()
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._h.update(batch[0].detach().cpu().numpy().tobytes())
+        self.batches += 1
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 class StopAt(L.Callback):
@@ -256,6 +394,7 @@ class _StepDataModule(L.LightningDataModule):
     """Shared plumbing: step-indexed train loader, fixed validation batches."""
 
     max_steps: int
+    accumulate: int = 1  # micro-batches per optimizer step (set by `trainer.fit` from the config)
 
     def _train_dataset(self, rank: int, world: int) -> Dataset:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -264,14 +403,14 @@ class _StepDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def _current_step(self) -> int:
+        """Index of the next micro-batch: optimizer steps done x micro-batches per step."""
         trainer = getattr(self, "trainer", None)
-        return int(trainer.global_step) if trainer is not None else 0
+        return int(trainer.global_step) * int(self.accumulate) if trainer is not None else 0
 
     def train_dataloader(self):
         rank, world = _world(getattr(self, "trainer", None))
-        return DataLoader(
-            self._train_dataset(rank, world), batch_size=None, sampler=StepSampler(self._current_step, self.max_steps)
-        )
+        end = self.max_steps * int(self.accumulate)
+        return DataLoader(self._train_dataset(rank, world), batch_size=None, sampler=StepSampler(self._current_step, end))
 
     def val_dataloader(self):
         rank, world = _world(getattr(self, "trainer", None))

@@ -23,13 +23,37 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pipeline.artifacts import atomic_dir, write_json
 from pipeline.model import CKPT, META
-from pipeline.model.lightning import Throughput
+from pipeline.model.lightning import DataDigest, Throughput, flops_per_token
 
 METRIC_COLUMNS = ["step", "train_loss", "val_loss", "lr"]  # Lightning's `epoch` is dropped: training is step-based
+BEST = "checkpoints/best.ckpt"
+TENSORBOARD = "tensorboard"
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`checkpoints/best.ckpt`: the state with the lowest val_loss so far.
+
+    A killed run resumes from its temp dir into a new one; stock ModelCheckpoint then drops
+    the best score it restored (the dirpath changed), and the first validation after the
+    resume would overwrite a better checkpoint. Paths are re-rooted here instead, so the
+    best score carries over (the old best.ckpt is copied along by `fit`)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def move(p):
+                return os.path.join(self.dirpath, os.path.basename(p)) if p else p
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_model_path": move(state_dict.get("best_model_path")),
+                          "kth_best_model_path": move(state_dict.get("kth_best_model_path")),
+                          "last_model_path": move(state_dict.get("last_model_path")),
+                          "best_k_models": {move(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
 
 
 def is_rank_zero() -> bool:
@@ -191,14 +215,30 @@ def fit(
     resume: dict | None = None,
     callbacks: tuple = (),
 ) -> dict:
-    """Train into `work` (checkpoints/last.ckpt, metrics.csv); returns what the summary reports."""
+    """Train into `work` (checkpoints/last.ckpt and best.ckpt, metrics.csv, tensorboard/);
+    returns what the summary reports.
+
+    `tc.accumulate` micro-batches of `batch_size` make one optimizer step; steps, validation,
+    logging and checkpoints all count optimizer steps."""
     quiet_lightning()
     work = Path(work)
     val_every = max(1, int(tc.get("val_every", 100)))
     log_every = max(1, int(tc.get("log_every", 10)))
     ckpt_every = int(tc.get("ckpt_every", 0) or val_every)
+    accumulate = max(1, int(tc.get("accumulate", 1) or 1))
+    datamodule.accumulate = accumulate
     has_val = datamodule.has_val()
-    throughput = Throughput()
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if resume:  # carry the interrupted run's best checkpoint and TensorBoard events over
+        old = Path(resume["run_dir"])
+        if (old / BEST).is_file() and not (work / BEST).exists():
+            shutil.copyfile(old / BEST, work / BEST)
+        if (old / TENSORBOARD).is_dir() and not (work / TENSORBOARD).exists():
+            shutil.copytree(old / TENSORBOARD, work / TENSORBOARD)
+    tokens_per_step = _tokens_per_batch(datamodule) * accumulate
+    peak = tc.get("peak_flops", None)
+    throughput = Throughput(tokens_per_step, flops_per_token(module.model), float(peak) if peak else None, log_every)
+    digest = DataDigest()
     cbs = [
         ModelCheckpoint(
             dirpath=work / "checkpoints",
@@ -209,8 +249,16 @@ def fit(
             enable_version_counter=False,
         ),
         throughput,
+        digest,
         *callbacks,
     ]
+    if has_val:
+        cbs.insert(1, BestCheckpoint(dirpath=work / "checkpoints", filename="best", monitor="val_loss", mode="min",
+                                     save_top_k=1, save_last=False, save_on_train_epoch_end=False,
+                                     enable_version_counter=False, auto_insert_metric_name=False))
+    loggers = [CSVLogger(work / "logs", name="", version="", flush_logs_every_n_steps=ckpt_every)]
+    if bool(tc.get("tensorboard", True)):
+        loggers.append(TensorBoardLogger(work, name=TENSORBOARD, version="", default_hp_metric=False))
     progress = bool(tc.get("progress_bar", True))
     if progress:
         cbs.append(TQDMProgressBar(refresh_rate=log_every))
@@ -224,13 +272,14 @@ def fit(
         max_steps=int(max_steps),
         max_epochs=-1,
         max_time=str(max_time) if max_time else None,
-        val_check_interval=val_every,
+        val_check_interval=val_every * accumulate,  # counted in micro-batches
+        accumulate_grad_batches=accumulate,
         check_val_every_n_epoch=None,
         limit_val_batches=1.0 if has_val else 0,
         num_sanity_val_steps=0,
         gradient_clip_val=float(tc.get("grad_clip", 0.0) or 0.0) or None,
         log_every_n_steps=log_every,
-        logger=CSVLogger(work / "logs", name="", version="", flush_logs_every_n_steps=ckpt_every),
+        logger=loggers,
         callbacks=cbs,
         enable_checkpointing=True,
         enable_progress_bar=progress,
@@ -246,7 +295,8 @@ def fit(
     # max_steps) gets one more pass, decided the same way on every rank
     if has_val and step > 0 and step % val_every != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final state's val loss
-    trainer.logger.save()
+    for lg in trainer.loggers:
+        lg.save()
     rows = _logged_rows(work / "logs" / "metrics.csv")
     for r in rows:  # `validate` logs one past the last step
         if "val_loss" in r and r["step"] > step:
@@ -259,9 +309,21 @@ def fit(
         shutil.rmtree(work / "logs", ignore_errors=True)
 
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    bpbs = [r["val_bpb"] for r in rows if "val_bpb" in r]
     trains = [r["train_loss"] for r in rows if "train_loss" in r]
     world = int(trainer.world_size)
+    best_step = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])["step"] if vals else None
+    ranks = _rank_digests(module, digest, world)
     return {
+        "accumulate": accumulate,
+        "tokens_per_step": tokens_per_step * world,
+        "flops_per_token": flops_per_token(module.model),
+        "mfu": throughput.last.get("mfu"),
+        "best_val_bpb": min(bpbs) if bpbs else None,
+        "final_val_bpb": bpbs[-1] if bpbs else None,
+        "best_step": best_step,
+        "best_ckpt": BEST if (work / BEST).is_file() else None,
+        "ranks": ranks,
         "steps": step,
         "steps_this_run": throughput.steps,
         "train_seconds": round(throughput.train_seconds, 3),
@@ -274,13 +336,43 @@ def fit(
     }
 
 
+def _tokens_per_batch(datamodule) -> int:
+    """Tokens in one micro-batch on one rank (pretraining windows; 0 when rows vary in length)."""
+    block = getattr(datamodule, "block_size", None)
+    return int(block) * int(datamodule.batch_size) if block else 0
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the parameters' bytes in state_dict order (identical weights, identical digest)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rank_digests(module, digest: DataDigest, world: int) -> list[dict]:
+    """Per rank: a hash of the token ids it trained on and of its final weights, gathered on
+    every rank. DDP must end with identical weights on every rank from distinct data."""
+    mine = {"rank": int(module.global_rank), "batches": digest.batches, "data_xxh64": digest.hexdigest(),
+            "weights_sha256": weights_digest(module.model)}
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [mine]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return sorted(out, key=lambda r: r["rank"])
+
+
 def write_meta(work: Path, model, stage: str, steps: int, **extra) -> dict:
     cfg = model.cfg
     meta = {
         "stage": stage,
+        "kind": "lstm" if type(model).__name__ == "LSTMLM" else "gpt",
         "model": cfg.to_dict(),
         "vocab_size": cfg.vocab_size,
-        "block_size": cfg.block_size,
+        "block_size": getattr(cfg, "block_size", None),
         "params": model.num_params(),
         "steps": steps,
         **extra,
