@@ -448,7 +448,7 @@ def verify_command(cfg) -> int:
     """`python -m pipeline shard --verify`: one line per problem, exit status 1 if any."""
     report = verify(Path(cfg.paths.shards), Path(cfg.paths.tokenizer))
     for p in report["problems"]:
-        print(f"CORRUPT {p}" if ": corrupt" in p else f"PROBLEM {p}")
+        print(p)
     status = "ok" if report["ok"] else f"{len(report['problems'])} problem(s)"
     print(f"verified {report['checked']} token files in {cfg.paths.shards}: {status}")
     return 0 if report["ok"] else 1

@@ -210,7 +210,7 @@ def test_verify_names_the_corrupt_file(clean_corpus):
     report = shard.verify(cfg.paths.shards, cfg.paths.tokenizer)
     assert not report["ok"] and len(report["problems"]) == 1 and report["problems"][0].startswith(f"{victim}: corrupt")
     res = run_cli("shard", "--verify", f"paths.root={clean_corpus}")
-    assert res.returncode == 1 and f"CORRUPT {victim}: corrupt" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 1 and f"{victim}: corrupt: sha256" in res.stdout, res.stdout + res.stderr
     # a truncated file and a changed tokenizer are named too
     Path(path).write_bytes(bytes(data[:-2]))
     (clean_corpus / "data/tokenizer/tokenizer.json").write_text(
