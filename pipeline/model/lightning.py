@@ -176,7 +176,7 @@ class LitGPT(L.LightningModule):
         sums = torch.tensor(self._val_sums, dtype=torch.float64, device=self.device)
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         if float(sums[1]) > 0:
-            self.log("val_bpb", float(sums[0] / sums[1]) / math.log(2), prog_bar=True, sync_dist=False)
+            self.log("val_bpb", float(sums[0] / sums[1]) / math.log(2), prog_bar=True, sync_dist=True)  # equal on all ranks
 
     def configure_optimizers(self):
         hp = self.hparams
