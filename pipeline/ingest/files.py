@@ -37,6 +37,28 @@ CONTENT_TYPES = {
 }
 
 
+# Pickle-based files are never loaded (unpickling runs arbitrary code), and one put among the inputs
+# is refused with a message rather than silently skipped: .pkl/.pickle/.joblib by name, torch's
+# .pt/.pth/.bin/.ckpt when they hold a pickle (protocol header or torch's zip), any other file
+# (.txt, .jsonl, ...) when it starts with a pickle protocol header.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def pickle_reason(path: Path, head: bytes) -> str | None:
+    """Why ``path`` (whose first bytes are ``head``) is a pickle, or None."""
+    ext = path.suffix.lower()
+    if ext in PICKLE_SUFFIXES:
+        return f"a pickle file ({ext})"
+    if head[:2] in _PICKLE_MAGIC:
+        return "starts with a pickle protocol header"
+    if ext in TORCH_SUFFIXES and head[:4] == b"PK\x03\x04":
+        return f"a torch/zip pickle archive ({ext})"
+    return None
+SINGLE_DOC = {".txt", ".md", ".html", ".htm"}  # the whole file is one document
+
+
 def _has_magic(p: str) -> bool:
     return any(c in p for c in "*?[")
 
@@ -48,10 +70,31 @@ def input_paths(paths) -> list[str]:
     return [str(p) for p in paths]
 
 
-def resolve_files(paths: list[str]) -> list[Path]:
-    """Every file named by the paths (dirs walked, globs expanded), each input's files sorted."""
+def _glob_root(pattern: str) -> str:
+    """The directory a glob cannot leave: its components before the first wildcard."""
+    parts = Path(pattern).parts
+    keep = []
+    for part in parts:
+        if _has_magic(part):
+            break
+        keep.append(part)
+    return os.path.join(*keep) if keep else os.sep
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_files(paths: list[str], refused: list[str] | None = None) -> list[Path]:
+    """Every file named by the paths (dirs walked, globs expanded), each input's files sorted.
+
+    A file found by walking a directory or expanding a glob must resolve inside that
+    directory (the glob's fixed prefix): a symlink out of it (``-> /etc/passwd``, ``-> ../..``)
+    is left out and described in ``refused``. A file reached twice (two links, a glob through
+    a symlinked directory loop) is read once. Files named explicitly are taken as given.
+    """
     files: list[Path] = []
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for raw in paths:
         given = os.path.abspath(os.path.expanduser(raw))
         if _has_magic(given):
@@ -59,16 +102,24 @@ def resolve_files(paths: list[str]) -> list[Path]:
             if not matches:
                 raise PipelineError(f"input path not found: {raw} (the glob matched nothing)")
             candidates = [Path(m) for m in matches]
+            root = os.path.realpath(_glob_root(given))
         elif os.path.exists(given):
             candidates = [Path(given)]
+            root = os.path.realpath(given) if os.path.isdir(given) else None
         else:
             raise PipelineError(f"input path not found: {raw}")
         for c in candidates:
             # a dangling link is listed too, so that it is reported rather than silently missed
-            found = sorted(p for p in c.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())) if c.is_dir() else [c]
+            walked = c.is_dir()
+            found = sorted(p for p in c.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())) if walked else [c]
             for f in found:
-                if f not in seen:
-                    seen.add(f)
+                real = os.path.realpath(f)  # never raises, even on a symlink loop
+                if root is not None and not _inside(real, root):
+                    if refused is not None:
+                        refused.append(f"{f}: resolves to {real}, outside the input root {root}; not read")
+                    continue
+                if real not in seen:
+                    seen.add(real)
                     files.append(f)
     return files
 
@@ -84,8 +135,10 @@ class _FileProblem(Exception):
 class FilesReader:
     """Turns files into raw rows; problems and repairs go to the ingest context."""
 
-    def __init__(self, ctx, text_field: str, extensions: list[str], max_file_bytes: int, encoding: str = "auto") -> None:
+    def __init__(self, ctx, text_field: str, extensions: list[str], max_file_bytes: int, encoding: str = "auto",
+                 max_doc_bytes: int = 10_000_000) -> None:
         self.ctx = ctx
+        self.max_doc_bytes = int(max_doc_bytes)  # one document (a .txt/.html file, a JSONL line)
         self.text_field = text_field
         self.extensions = {e.lower() for e in extensions}
         self.max_file_bytes = int(max_file_bytes)
@@ -126,6 +179,15 @@ class FilesReader:
     def read(self, path: Path) -> Iterator[dict]:
         ext = path.suffix.lower()
         name = str(path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as e:
+            self.ctx.problem("error_unreadable", f"{name}: {e.strerror or e}")
+            return
+        if ext != ".parquet" and (why := pickle_reason(path, head)):
+            self.ctx.problem("skipped_pickle", f"{name}: {why}; pickles are never loaded (they can run code)")
+            return
         if ext not in self.extensions or ext not in CONTENT_TYPES:
             self.ctx.count("skipped_extension")
             return
@@ -136,6 +198,9 @@ class FilesReader:
             return
         if size > self.max_file_bytes:
             self.ctx.problem("skipped_too_large", f"{name}: {size} bytes > max_file_bytes {self.max_file_bytes}", size)
+            return
+        if ext in SINGLE_DOC and size > self.max_doc_bytes:
+            self.ctx.problem("skipped_too_large", f"{name}: {size} bytes > max_doc_bytes {self.max_doc_bytes}", size)
             return
         self.input_hash.update(name.encode() + b"\0")
         try:
@@ -177,12 +242,26 @@ class FilesReader:
     def _jsonl(self, path: Path) -> Iterator[dict]:
         name = str(path)
         offset = 0
+        cap = self.max_doc_bytes
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            lineno = 0
+            # readline with a limit: a 100 MB line is skipped in bounded chunks, never held whole
+            while raw := f.readline(cap + 1):
+                lineno += 1
                 start, offset = offset, offset + len(raw)
                 self.input_hash.update(raw)
                 self.bytes_read += len(raw)
                 where = f"{name}:{lineno}"
+                if len(raw) > cap and not raw.endswith(b"\n"):
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        offset += len(rest)
+                        self.input_hash.update(rest)
+                    offset += len(rest)
+                    self.input_hash.update(rest)
+                    self.bytes_read += offset - start - len(raw)
+                    self.ctx.problem("skipped_too_large", f"{where}: line of {offset - start} bytes > max_doc_bytes {cap}",
+                                     offset - start)
+                    continue
                 line = self.decode(raw, where).strip()
                 if not line:
                     continue
@@ -267,9 +346,13 @@ def documents(source, ctx) -> Iterator[dict]:
     if OmegaConf.is_missing(source, "paths") or not source.paths:
         raise PipelineError("source=files needs source.paths, e.g. source.paths='[/data/corpus]'")
     paths = input_paths(source.paths)
-    files = resolve_files(paths)
+    refused: list[str] = []
+    files = resolve_files(paths, refused)
+    for message in refused:
+        ctx.problem("skipped_outside_root", message)
     reader = FilesReader(
-        ctx, str(source.text_field), list(source.extensions), int(source.max_file_bytes), str(source.get("encoding", "auto"))
+        ctx, str(source.text_field), list(source.extensions), int(source.max_file_bytes), str(source.get("encoding", "auto")),
+        int(source.get("max_doc_bytes", 10_000_000)),
     )
     try:
         for path in files:

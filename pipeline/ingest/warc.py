@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 
@@ -35,6 +36,21 @@ def _charset(content_type: str) -> str | None:
     return None
 
 
+def _bad_uri(uri: str, rec_type: str) -> str | None:
+    """Why a target URI cannot be a document's URL, or None: it must parse, have a scheme,
+    and a response (an HTTP exchange) must be http(s) with a host."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        return f"does not parse ({e})"
+    if not parts.scheme or any(c.isspace() or ord(c) < 32 for c in uri):
+        return "is not an absolute URI"
+    if rec_type == "response" and (parts.scheme.lower() not in ("http", "https") or not parts.hostname):
+        return "is not an http(s) URL with a host"
+    return None
+
+
 def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuses: set[int]) -> Iterator[dict]:
     name = str(path)
     for rec in iter_records(path, max_record_bytes, DOC_RECORDS):
@@ -50,14 +66,17 @@ def read_file(path, ctx, content_types: set[str], max_record_bytes: int, statuse
             ctx.problem("skipped_too_large", f"{name}@{rec.offset}: {rec.length} bytes > max_record_bytes "
                         f"{max_record_bytes}", rec.length)
             continue
+        if not rec.target_uri:
+            ctx.problem("skipped_no_target_uri", f"{name}@{rec.offset}: {rec.rec_type} record without WARC-Target-URI")
+            continue
+        if why := _bad_uri(rec.target_uri, rec.rec_type):
+            ctx.problem("skipped_bad_target_uri", f"{name}@{rec.offset}: WARC-Target-URI {rec.target_uri[:200]!r} {why}")
+            continue
         if rec.rec_type == "response" and rec.http_status not in statuses:
             ctx.count("skipped_http_status", rec.length)
             continue
         if mime not in content_types:
             ctx.count("skipped_content_type", rec.length)
-            continue
-        if not rec.target_uri:
-            ctx.problem("skipped_no_target_uri", f"{name}@{rec.offset}: {rec.rec_type} record without WARC-Target-URI")
             continue
         is_html = mime in HTML_TYPES
         text, _enc, replaced = decode_bytes(rec.payload, _charset(ctype) if ";" in ctype else None, html=is_html)
@@ -109,7 +128,10 @@ def documents(source, ctx) -> Iterator:
     if OmegaConf.is_missing(source, "paths") or not source.paths:
         raise PipelineError("source=warc needs source.paths, e.g. source.paths='[/data/cc/*.warc.gz]'")
     paths = input_paths(source.paths)
-    files = resolve_files(paths)
+    refused: list[str] = []
+    files = resolve_files(paths, refused)
+    for message in refused:
+        ctx.problem("skipped_outside_root", message)
     common = {
         "work": str(ctx.work_dir or Path.cwd() / ".warc-work"),
         "content_types": sorted(str(c).lower() for c in source.content_types),

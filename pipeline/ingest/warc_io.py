@@ -18,10 +18,16 @@ from pathlib import Path
 
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
+from warcio.limitreader import LimitReader
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 log = logging.getLogger("pipeline.ingest")
+
+# A WARC or HTTP header line longer than this is damage, not a header: warcio would otherwise
+# read a "line" of a hostile member (a gzip bomb of zeros has no newline) whole into memory.
+MAX_HEADER_LINE = 1 << 16
+MAX_HTTP_HEADER_BYTES = 1 << 20
 
 # hop-by-hop or re-encoded headers: the stored body is the decoded one, so its length rules
 _DROP_HEADERS = {"transfer-encoding", "content-encoding", "content-length"}
@@ -140,6 +146,7 @@ def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Rec
             # no_record_parse: HTTP headers are parsed only for the records we keep (_record),
             # not for every request/metadata record as warcio would by default
             it = ArchiveIterator(fh, no_record_parse=True)
+            _cap_readline(it.reader)
             try:
                 for rec in it:
                     yield _record(it, rec, max_payload, wanted)
@@ -163,6 +170,16 @@ def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Rec
             pos = nxt
 
 
+def _cap_readline(reader) -> None:
+    """Bound every line warcio reads from this reader (per instance, warcio itself untouched)."""
+    readline = reader.readline
+
+    def capped(length=None):
+        return readline(MAX_HEADER_LINE if not length or length < 0 else min(length, MAX_HEADER_LINE))
+
+    reader.readline = capped
+
+
 class _Damaged(Exception):
     def __init__(self, kind: str, offset: int, message: str) -> None:
         super().__init__(message)
@@ -184,7 +201,9 @@ def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Rec
     if rec_type in wanted:
         if rec_type == "response":
             try:
-                rec.http_headers = it.loader.load_http_headers(rec_type, uri or "", rec.raw_stream, rec.length)
+                # at most MAX_HTTP_HEADER_BYTES of headers: a block without a blank line is not read whole
+                head = LimitReader(rec.raw_stream, MAX_HTTP_HEADER_BYTES)
+                rec.http_headers = it.loader.load_http_headers(rec_type, uri or "", head, rec.length)
             except (EOFError, ValueError) as e:
                 raise _Damaged("malformed_record", start, f"bad HTTP headers in response record ({e})") from e
             if rec.http_headers is not None:
@@ -195,10 +214,17 @@ def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Rec
                 ctype = rec.http_headers.get_header("Content-Type") or ""
                 length = getattr(rec.raw_stream, "limit", length)  # what is left after the headers
         if length <= max_payload:
-            payload = rec.content_stream().read()
-            length = len(payload)
-            if rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
+            # the decoded payload is capped too: a small gzip (Content-Encoding) body can inflate to gigabytes
+            payload = rec.content_stream().read(max_payload + 1)
+            if len(payload) > max_payload:
+                payload, length = None, len(payload)  # reported as "more than max_record_bytes"
+            else:
+                length = len(payload)
+            if payload is not None and rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
                 missing = rec.raw_stream.limit
                 raise _Damaged("truncated", start, f"record truncated ({missing} of {rec.length} bytes missing)")
+    errors = it.err_count
     it.read_to_end()
+    if it.err_count > errors:  # warcio found junk where the next record should start
+        raise _Damaged("bad_length", start, f"{rec_type} record followed by junk: its Content-Length is wrong; not used")
     return Record(it.get_record_offset(), rec_type, h.get("warc-record-id"), uri, status, ctype, payload, length)
