@@ -54,6 +54,7 @@ def _usage() -> str:
         "  shard --verify  check every token file against data/shards/index.json (exit 1 if any is corrupt)",
         "  generate   sample text, streamed: generate --prompt \"...\" [--max-new-tokens N] [--temperature T]",
         "             [--top-k K] [--top-p P] [--seed S] [--no-cache] [--model pretrain|finetune] | generate --chat",
+        "  serve      OpenAI-compatible API + chat page for the trained model: serve [serve.port=8000 ...]",
         "  export     write a transformers directory: export [--model latest|pretrain|finetune] [--out DIR]",
         "  exp        a DVC experiment with Hydra overrides written into conf/: exp clean.min_words=30 [--name N]",
         "  lineage    where a document id, shard file or checkpoint came from and what it fed: lineage <id|path>",
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 return _generate(rest)
             if command == "export":
                 return _export(rest)
+            if command == "serve":
+                from pipeline.serve import run as serve_run
+
+                serve_run(_load(rest))
+                return 0
             if command == "exp":
                 from pipeline.experiments import main as exp_main
 
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 return lineage_main(rest)
             raise PipelineError(
                 f"unknown stage or command {command!r}; expected one of: "
-                f"{', '.join([*STAGES, 'run', 'generate', 'export', 'exp', 'lineage'])}"
+                f"{', '.join([*STAGES, 'run', 'generate', 'export', 'serve', 'exp', 'lineage'])}"
             )
         except (HydraException, OmegaConfBaseException) as e:
             raise PipelineError(f"config error: {_one_line(e)}") from e
