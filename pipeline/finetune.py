@@ -18,6 +18,7 @@ Hardware keys (accelerator, devices, strategy, precision, num_threads) default t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -70,8 +71,8 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     val_rows = sft_data.build_rows(tokenizer, held_pairs, block, packing, overlong, length["heldout"])
     if not train_rows:
         raise PipelineError(
-            f"all {len(train_pairs)} training examples are longer than the context ({block + 1} tokens) "
-            "and finetune.overlong=drop: use finetune.overlong=truncate or a model with a larger block_size"
+            f"all {len(train_pairs)} training examples were dropped as longer than the context ({block + 1} tokens, "
+            f"finetune.overlong={overlong}): use finetune.overlong=truncate or a model with a larger block_size"
         )
 
     max_steps = int(fc.max_steps)
@@ -79,7 +80,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         "finetune": {k: v for k, v in tc.items() if k not in _VOLATILE},
         "seed": int(cfg.seed),
         "base": sha256_file(pre_dir / CKPT),
-        "pairs": sft_data._qhash("\n".join(p["question"] + "\t" + p["answer"] for p in train_pairs)),
+        "pairs": sft_data._qhash(json.dumps(train_pairs, sort_keys=True, ensure_ascii=False)),
     })
     module = LitGPT(
         model=base.cfg.to_dict(),

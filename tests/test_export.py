@@ -92,6 +92,19 @@ def test_text_generation_pipeline_loads_the_export(runs):
     out = generator("The json module", max_new_tokens=12, do_sample=False)
     text = out[0]["generated_text"]
     assert text.startswith("The json module") and len(text) > len("The json module")
+    # AutoModelForCausalLM(...).generate, greedy, gives the tokens our own decoder gives
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generate import generate_ids
+
+    tok = AutoTokenizer.from_pretrained(path)
+    inputs = tok("The json module", return_tensors="pt")
+    theirs = AutoModelForCausalLM.from_pretrained(path).generate(**inputs, max_new_tokens=20, do_sample=False)
+    theirs = theirs[0, inputs["input_ids"].shape[1]:].tolist()
+    ours, _ = load_trained(path.parent)
+    stops = {tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|end|>")}
+    mine = generate_ids(ours, inputs["input_ids"][0].tolist(), 20, stop_ids=stops)
+    assert theirs[: len(mine)] == mine and (len(mine) == 20 or theirs[len(mine)] in stops)
 
 
 def test_gpt2_architecture_works_with_gpt2_classes_verbatim(runs):
