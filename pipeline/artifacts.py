@@ -66,11 +66,36 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def _dead(pid_suffix: str) -> bool:
+    if not pid_suffix.isdigit():
+        return False
+    try:
+        os.kill(int(pid_suffix), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """``<out>.<kind>-<pid>`` siblings whose process is gone (a run killed with SIGKILL)."""
+    return sorted(p for p in out.parent.glob(f"{out.name}.{kind}-*") if _dead(p.name.rsplit("-", 1)[-1]))
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``out``; on success it replaces ``out`` in one rename."""
+    """Yield a fresh temp dir beside ``out``; on success it replaces ``out`` in one rename.
+
+    A run killed between its two renames leaves ``out`` missing and the previous output in
+    ``<out>.old-<pid>``: the next run puts it back first. Temp dirs of killed runs are left
+    alone until a run succeeds (training resumes from them), then removed.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        for old in _leftovers(out, "old")[-1:]:
+            os.replace(old, out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -84,6 +109,8 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+    for stale in [*_leftovers(out, "tmp"), *_leftovers(out, "old")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def require_dir(path: Path, what: str, stage: str) -> Path:
