@@ -119,7 +119,7 @@ def test_a_run_killed_between_its_two_renames_gets_its_previous_output_back(tmp_
     out = tmp_path / "data" / "x"
     with atomic_dir(out) as tmp:
         (tmp / "f").write_text("complete")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     pid = dead.stdout.strip()
     os.replace(out, out.with_name(f"x.old-{pid}"))  # as if SIGKILL came between the renames
     (out.parent / f"x.tmp-{pid}").mkdir()
@@ -150,7 +150,7 @@ def test_two_runs_in_one_workspace_second_refused_via_cli(tmp_path, corpus):
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
             time.sleep(0.01)
         second = subprocess.run([sys.executable, "-m", "pipeline", "ingest", *args], cwd=ROOT, capture_output=True,
-                                text=True, env={**os.environ, "PIPELINE_LOCK_WAIT": "0"})
+                                text=True, check=False, env={**os.environ, "PIPELINE_LOCK_WAIT": "0"})
         assert second.returncode == 2, second.stderr
         assert f"in use by pid {first.pid}" in second.stderr and "stage ingest" in second.stderr
         assert second.stderr.startswith("error: workspace") and second.stderr.count("\n") == 1
