@@ -12,8 +12,8 @@ default recipe trained by the tokenizer stage. Three encoders over the same docu
 - bare tiktoken `encode_ordinary_batch` with ranks converted from the same tokenizer.json
   and the same split regex, on the texts in memory (--workers threads).
 
-The ids of all three must be identical. --memory also runs the stage on a corpus 10x
-larger in a subprocess each and compares their peak RSS (largest process).
+The ids of all three must be identical. --memory also runs the stage on 1 and 10 copies
+of the corpus (--memory-copies) in a fresh interpreter each and compares their peak RSS.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also compare peak RSS on a corpus 10x larger")
     ap.add_argument("--memory-only", action="store_true", help="only the memory comparison")
+    ap.add_argument("--memory-copies", default="1,10", help="corpus sizes for --memory, in copies")
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-shard-"))
     if not (root / "data" / "clean").is_dir():
@@ -114,7 +115,7 @@ def main() -> None:
     if not args.memory_only:
         speed(root, cfg, args.workers)
     if args.memory or args.memory_only:
-        memory(root / "data" / "tokenizer", args.workers)
+        memory(root / "data" / "tokenizer", args.workers, [int(x) for x in args.memory_copies.split(",")])
 
 
 def speed(root: Path, cfg, workers: int) -> None:
@@ -154,18 +155,17 @@ def speed(root: Path, cfg, workers: int) -> None:
     print(f"ratio stage / bare tiktoken   : {tk_s / stage_s:.2f}x")
 
 
-def memory(tok_dir: Path, workers: int) -> None:
-    """Peak RSS of the stage on the corpus and on 10 copies of it (distinct ids), same tokenizer."""
-    big = Path(tempfile.mkdtemp(prefix="bench-shard-10x-"))
-    small = Path(tempfile.mkdtemp(prefix="bench-shard-1x-"))
+def memory(tok_dir: Path, workers: int, copies: list[int]) -> None:
+    """Peak RSS of the stage on `copies` copies of the corpus (distinct ids), same tokenizer."""
     base = pydoc_texts()
-    build_corpus(small, 1, base, rows_per_file=100)  # two files: both runs use every worker
-    build_corpus(big, 10, base, rows_per_file=100)
-    s1, m1, t1 = _rss_of_stage(small, tok_dir, workers)
-    s10, m10, t10 = _rss_of_stage(big, tok_dir, workers)
-    print(f"peak RSS 1x corpus : {m1:7.1f} MiB largest process, {t1:7.1f} MiB all processes ({s1:.1f} s)")
-    print(f"peak RSS 10x corpus: {m10:7.1f} MiB largest process, {t10:7.1f} MiB all processes ({s10:.1f} s); "
-          f"ratio {m10 / m1:.2f} / {t10 / t1:.2f}")
+    first = None
+    for n in copies:
+        root = Path(tempfile.mkdtemp(prefix=f"bench-shard-{n}x-"))
+        build_corpus(root, n, base, rows_per_file=100)  # >= 2 files: every run uses every worker
+        s, largest, total = _rss_of_stage(root, tok_dir, workers)
+        first = first or (largest, total)
+        print(f"peak RSS {n:>3}x corpus: {largest:7.1f} MiB largest process, {total:7.1f} MiB all processes "
+              f"({s:.1f} s; vs {copies[0]}x: {largest / first[0]:.2f} / {total / first[1]:.2f})")
 
 
 if __name__ == "__main__":

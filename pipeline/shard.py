@@ -17,6 +17,7 @@ length per document).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import (
@@ -49,6 +51,12 @@ from pipeline.tokenizer import (
 from pipeline.tokenizer import load as load_tokenizer
 
 log = logging.getLogger(__name__)
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - glibc only
+except (OSError, AttributeError):
+    _LIBC = None
 
 SPLITS = ("train", "val")
 SPLIT_RULE = "val when int(doc_id[:8], 16) / 2**32 < val_fraction, else train (pipeline.splits.is_val)"
@@ -76,6 +84,14 @@ def _verify_window(text: str, chars: int) -> str:
     start = next((i for i, c in enumerate(text) if ord(c) > 127), 0)
     start = max(0, min(start - chars // 4, len(text) - chars))
     return text[start : start + chars]
+
+
+def _release_memory() -> None:
+    """Hand freed batch memory back to the OS, so a worker's peak does not creep up with the
+    number of batches it has seen (glibc keeps freed blocks of varying sizes otherwise)."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class _Mismatch(Exception):
@@ -160,8 +176,10 @@ def _encode_shard_inner(job: dict) -> dict:
                 if len(docs) >= int(job["batch_docs"]) or held >= int(job["batch_chars"]):
                     encode(docs)
                     docs, held = [], 0
+                    _release_memory()
         if docs:
             encode(docs)
+        _release_memory()
     finally:
         for f in outs.values():
             f.close()
