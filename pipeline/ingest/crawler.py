@@ -482,6 +482,9 @@ class Crawler:
             attempt += 1
 
     def _fetch_once(self, url: str, headers: dict) -> Fetch:
+        # httpx's timeout bounds each read, not the response: a server dripping a byte at a time
+        # would hold a fetch forever, so the whole body must also arrive within `timeout`
+        deadline = time.monotonic() + self.cfg.timeout
         try:
             with self.client.stream("GET", url, headers=headers, timeout=self.cfg.timeout) as r:
                 out = Fetch(
@@ -516,6 +519,9 @@ class Crawler:
                         if out.status == "fetched":
                             out.status = "skipped_too_large"
                         return out
+                    if time.monotonic() > deadline:
+                        return Fetch(status="error_timeout", message=f"{url}: body not complete after "
+                                     f"{self.cfg.timeout}s ({len(body)} bytes so far); total time is capped by timeout")
                 out.body = bytes(body)
                 return out
         except RefusedAddress as e:
