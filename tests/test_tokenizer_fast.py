@@ -115,3 +115,20 @@ def test_unconvertible_tokenizers_say_why():
     fast, why = tokenizer.fast_encoder(Tokenizer.from_str(json.dumps(spec)))
     assert fast is None and "pre-tokenizer" in why
     assert not tokenizer.FastEncoder(_toy_bpe([("a", "b")])).unsafe.any()
+
+
+def test_stats_compare_with_gpt2_when_it_loads(trained, monkeypatch):
+    """GPT-2's tokenizer is only used from tiktoken's local cache; stand one in to check the numbers."""
+    import tiktoken
+
+    stand_in = tiktoken.Encoding("stand-in", pat_str=tokenizer.PATTERNS["gpt2"],
+                                 mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+    monkeypatch.setattr(tokenizer, "_gpt2_encoder", lambda: (stand_in, "stand-in"))
+    root = trained.parent.parent
+    cfg = config.load([f"paths.root={root}", "shard.val_fraction=0.25"])
+    files, _, _ = tokenizer.training_sample(cfg)
+    stats = tokenizer.compute_stats(tokenizer.load(trained), cfg, files)
+    assert stats["gpt2"] == "stand-in"
+    for part in (stats["val"], *stats["per_language"].values()):
+        assert part["gpt2_bytes_per_token"] == pytest.approx(1.0, abs=1e-4)  # bytes only: one token per byte
+        assert part["bytes_per_token"] > 1.0
