@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -76,12 +77,16 @@ def _verify_pick(doc_id: str, fraction: float) -> bool:
     return fraction > 0 and int(doc_id[8:16], 16) / 0x1_0000_0000 < fraction
 
 
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
 def _verify_window(text: str, chars: int) -> str:
     """The part of a document the two encoders are compared on: all of it when short, else
     `chars` characters from its first non-ASCII one (where regex engines could disagree)."""
     if len(text) <= chars:
         return text
-    start = next((i for i, c in enumerate(text) if ord(c) > 127), 0)
+    m = _NON_ASCII.search(text)
+    start = m.start() if m else 0
     start = max(0, min(start - chars // 4, len(text) - chars))
     return text[start : start + chars]
 
