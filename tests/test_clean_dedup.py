@@ -210,7 +210,7 @@ def test_incremental_run_dedups_against_kept_index(planted, tmp_path):
     rng = random.Random(3)
     again = [edit_words(t, 0.02, rng) for t in first[:20]] + [first[30]] + docs[150:170]
     write_raw(raw, raw_docs(again, "b"), 50, prefix="zz-new")
-    s2 = clean.run(stage(tmp_path, "clean.decontaminate.enabled=false", "clean.incremental=true"))
+    s2 = clean.run(stage(tmp_path, "clean.incremental=true"))  # decontaminated against run 1's val docs too
     out = tmp_path / "data" / "clean"
     assert s2["incremental"]["run"] == 1 and s2["incremental"]["new_shards"] == ["zz-new-00000.parquet"]
     assert s2["this_run"]["in"] == len(again)
@@ -219,6 +219,7 @@ def test_incremental_run_dedups_against_kept_index(planted, tmp_path):
     assert s2["funnel"]["in"] == 150 + len(again) == s2["funnel"]["kept"] + sum(s2["funnel"]["rejected"].values())
     assert set(kept1) <= {p.name for p in out.glob("*.parquet")}  # run 1's shards carried over unchanged
     assert s2["funnel"]["kept"] == s1["kept"] + s2["this_run"]["kept"]
+    assert s2["decontaminate"]["val_docs"] >= 1
     assert read_json(out / clean.INDEX / "index.json")["run"] == 1
     # nothing new: a third incremental run changes nothing
     s3 = clean.run(stage(tmp_path, "clean.decontaminate.enabled=false", "clean.incremental=true"))

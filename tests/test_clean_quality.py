@@ -62,7 +62,7 @@ def test_words_split_like_spacy_and_cjk_by_character():
     assert words("我们在公园散步。") == ["我", "们", "在", "公", "园", "散", "步", "。"]
     assert words("Python 3.11 版本") == ["Python", "3", ".", "11", "版", "本"]
     assert cjk_fraction(ZH) > 0.8 and cjk_fraction(EN) == 0
-    assert dedup_tokens("Hello, World 42!") == ["hello", "world", "0"]
+    assert dedup_tokens("Hello, World 42! snake_case 3.11") == ["hello", "world", "00", "snake_case", "0", "00"]
 
 
 # ------------------------------------------------------------------ Gopher repetition

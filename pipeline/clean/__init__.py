@@ -341,7 +341,7 @@ def _decontaminate(cfg, dc: dict, work: Path, cand: list[Path], prev_kept: list[
     dropped = sorted(drop)
     vtasks = [{"path": str(f), "drop": dropped, "val_fraction": fraction, "ngram": dc["ngram"],
                "out": str(work / f"val-{i:05d}.npy")} for i, f in enumerate(cand)]  # fmt: skip
-    vtasks += [{"path": str(f), "drop": [], "val_fraction": fraction, "ngram": dc["ngram"],
+    vtasks += [{"path": str(f), "drop": [], "keyed": False, "val_fraction": fraction, "ngram": dc["ngram"],
                 "out": str(work / f"val-prev-{i:05d}.npy")} for i, f in enumerate(prev_kept)]  # fmt: skip
     vres = map_ordered(decontam.val_ngrams, vtasks, executor)
     strict_texts = decontam.external_texts(dc["paths"], cfg.paths.root) + decontam.finetune_heldout_texts(cfg)

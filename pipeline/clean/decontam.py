@@ -113,8 +113,9 @@ def val_ngrams(task: dict) -> dict:
     """Worker: n-gram hashes of one shard's kept validation documents -> ``task['out']``."""
     drop = set(task["drop"])
     parts, n_val = [], 0
-    for row in iter_rows(task["path"], columns=["text", "key"]):
-        if row["key"] in drop:
+    keyed = task.get("keyed", True)  # shards carried over from an earlier run hold kept documents, without keys
+    for row in iter_rows(task["path"], columns=["text", "key"] if keyed else ["text"]):
+        if keyed and row["key"] in drop:
             continue
         if is_val(doc_id(row["text"]), task["val_fraction"]):
             n_val += 1

@@ -3,8 +3,8 @@
 The same four stages as datatrove's MinHash dedup, with the work vectorised in numpy:
 
 1. **Signatures** (per shard, in the filtering worker, while the text is in memory): each
-   document's tokens (pipeline.clean.text.dedup_tokens: lowercased, numbers as 0, no
-   punctuation, CJK characters one by one) are hashed once (xxh3, cached per word), word
+   document's tokens (pipeline.clean.text.dedup_text: lowercased, digits as 0, no
+   punctuation, CJK characters one by one) are hashed in numpy straight from the bytes, word
    n-grams (``ngram`` = 5) are combined into 64-bit shingle hashes, and a signature of
    ``bands * rows`` values is taken with *one-permutation hashing* (Li, Owen & Zhang 2012):
    each shingle's hash picks a bin and its value competes for that bin's minimum, with
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.clean.text import dedup_tokens
+from pipeline.clean.text import dedup_text
 from pipeline.errors import PipelineError
 
 M32 = np.uint64(0xFFFFFFFF)
@@ -96,32 +96,42 @@ class Signer:
     """Shingles and one-permutation MinHash signatures for batches of documents."""
 
     def __init__(self, p: DedupParams) -> None:
-        import xxhash
-
         self.p = p
         self.k = p.bands * p.rows
-        self._xxh = xxhash.xxh3_64_intdigest
-        self._seed = p.seed
-        self._cache: dict[str, int] = {}
+        self._seed = np.uint64(p.seed)
+        self._pw = self._ipw = np.ones(1, dtype=np.uint64)
         rng = np.random.default_rng(p.seed)
         self.row_mult = rng.integers(1, 2**63, size=p.rows, dtype=np.uint64) | np.uint64(1)
         self.probe = rng.integers(0, self.k, size=(64, self.k))  # densification probe sequences
 
-    def _word_hashes(self, toks: list[str]) -> np.ndarray:
-        cache, xxh, seed = self._cache, self._xxh, self._seed
-        if len(cache) > 2_000_000:  # bounded memory on long-tailed vocabularies
-            cache.clear()
-        out = []
-        for t in toks:
-            h = cache.get(t)
-            if h is None:
-                h = cache[t] = xxh(t.encode("utf-8", "surrogatepass"), seed)
-            out.append(h)
-        return np.array(out, dtype=np.uint64)
+    def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """P^i and P^-i mod 2^64 for i < n (cached, grown by doubling)."""
+        if len(self._pw) < n + 1:
+            m = max(n + 1, 2 * len(self._pw))
+            p = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
+            inv = np.uint64(pow(int(p), -1, 2**64))
+            one = np.ones(1, dtype=np.uint64)
+            self._pw = np.concatenate([one, np.cumprod(np.full(m - 1, p, dtype=np.uint64), dtype=np.uint64)])
+            self._ipw = np.concatenate([one, np.cumprod(np.full(m - 1, inv, dtype=np.uint64), dtype=np.uint64)])
+        return self._pw, self._ipw
+
+    def word_hashes(self, text: str) -> np.ndarray:
+        """A 64-bit hash per dedup token, computed on the UTF-8 bytes in numpy: a polynomial
+        prefix sum over the whole text, differenced at token boundaries and shifted back to
+        power 0, so equal tokens hash equally wherever they stand (no Python loop per word)."""
+        b = np.frombuffer(dedup_text(text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+        if not len(b):
+            return np.zeros(0, dtype=np.uint64)
+        edges = np.diff(np.concatenate(([0], (b > 32).view(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        pw, ipw = self._powers(len(b))
+        terms = (b.astype(np.uint64) + np.uint64(1)) * pw[: len(b)]
+        pre = np.concatenate([np.zeros(1, dtype=np.uint64), np.cumsum(terms, dtype=np.uint64)])
+        return mix64(((pre[ends] - pre[starts]) * ipw[starts]) ^ self._seed)
 
     def shingles(self, text: str) -> np.ndarray:
         """Unique-ish 64-bit hashes of the text's word n-grams (a shorter text is one shingle)."""
-        w = self._word_hashes(dedup_tokens(text))
+        w = self.word_hashes(text)
         n = min(self.p.ngram, len(w))
         if n == 0:
             return w

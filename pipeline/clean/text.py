@@ -26,9 +26,6 @@ TOKEN_RE = re.compile(
     rf"|[^\W{CJK_RANGES}]+(?:['\u2019][^\W{CJK_RANGES}]+)*"  # a word, with contractions (don't, l'eau)
     r"|[^\w\s]+"  # a run of punctuation / symbols (spaCy keeps "..." and "--" together as well)
 )
-# Dedup's view of a word: letters/digits only, as datatrove's simplify_text + tokenizer.
-DEDUP_TOKEN_RE = re.compile(rf"[{CJK_RANGES}]|[^\W{CJK_RANGES}]+")
-_DIGITS = re.compile(r"\d+(?:[.,]\d+)?")
 # datatrove.utils.text.PUNCTUATION: a "word" made only of these is a symbol, not a word.
 PUNCTUATION_SET = frozenset(
     "!/\u2014\u201d:\uff05\uff11\u3008&(\u3001\u2501\\\u3010#%\u300c\u300d\uff0c\u3011\uff1b+^]~\u201c\u300a\u201e';"
@@ -46,7 +43,9 @@ def words(text: str) -> list[str]:
 
 def cjk_fraction(text: str) -> float:
     """Share of CJK characters among the non-space characters (0 for an empty text)."""
-    n = sum(1 for c in text if not c.isspace())
+    if _CJK_CHAR.search(text) is None:  # the common case, at C speed
+        return 0.0
+    n = len("".join(text.split()))
     return len(_CJK_CHAR.findall(text)) / n if n else 0.0
 
 
@@ -54,10 +53,24 @@ def is_cjk_token(tok: str) -> bool:
     return len(tok) == 1 and _CJK_CHAR.match(tok) is not None
 
 
+# Dedup's normalisation as one str.translate: punctuation and symbols become spaces, digits 0
+# (datatrove's simplify_text does the same with regexes); "_" stays, so snake_case names are words.
+_DEDUP_TABLE = {ord(c): " " for c in PUNCTUATION_SET | set("!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~") if c != "_"} | {
+    ord(d): "0" for d in "0123456789"
+}
+_CJK_SPACED = re.compile(f"([{CJK_RANGES}])")
+
+
+def dedup_text(text: str) -> str:
+    """What near-duplicate detection compares: NFKC, lowercase, digits as 0, punctuation as
+    spaces, every CJK character standing alone; its whitespace-separated tokens are the words."""
+    t = unicodedata.normalize("NFKC", text).lower().translate(_DEDUP_TABLE)
+    return _CJK_SPACED.sub(r" \1 ", t) if _CJK_CHAR.search(t) else t
+
+
 def dedup_tokens(text: str) -> list[str]:
-    """Tokens MinHash shingles are made of: NFKC, lowercase, numbers as 0, no punctuation."""
-    text = _DIGITS.sub("0", unicodedata.normalize("NFKC", text).lower())
-    return DEDUP_TOKEN_RE.findall(text)
+    """Tokens MinHash shingles and decontamination n-grams are made of (see dedup_text)."""
+    return dedup_text(text).split()
 
 
 def non_empty_lines(text: str) -> list[str]:
