@@ -88,7 +88,7 @@ def test_gradient_accumulation_matches_one_big_batch_and_wsd_schedule_is_applied
 
 
 def test_qk_norm_model_trains_and_is_not_exported(project):
-    summary, out = _run(project, "qk", "+model.qk_norm=true", "pretrain.max_steps=10", "pretrain.val_every=5")
+    summary, out = _run(project, "qk", "model.qk_norm=true", "pretrain.max_steps=10", "pretrain.val_every=5")
     assert "QK-norm" in summary["hf_export_skipped"]
     model, _ = load_trained(out)
     assert model.cfg.qk_norm and hasattr(model.blocks[0].attn, "q_norm")
