@@ -428,6 +428,17 @@ def test_finetune_on_custom_chat_data_counts_bad_lines(pretrained, tmp_path):
     assert info["data"]["problems"]["bad_json"][0].startswith(f"{data}:11: ")
     held = sft_data.read_jsonl(tmp_path / "ft" / "sft" / "heldout.jsonl")
     assert all(is_val(p["doc_id"], cfg.shard.val_fraction) for p in held)
+    # a local Hugging Face dataset (save_to_disk) goes through the same stage
+    import datasets
+
+    saved = tmp_path / "hf_ds"
+    rows = [{"instruction": f"Triple {i}.", "input": "", "output": f"{3 * i}."} for i in range(30)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    cfg = load([*overrides, f"finetune.data={saved}", f"paths.finetune={tmp_path / 'ft2'}", "finetune.max_steps=2",
+                "finetune.val_every=2", "finetune.overlong=drop"])
+    summary = finetune.run(cfg)
+    assert summary["pairs"]["pairs"] == 30 and summary["pairs"]["data"]["records"] == 30
+    assert summary["overlong"] == "drop" and summary["length"]["train"]["dropped_overlong"] == 0
 
 
 def test_lora_finetune_trains_adapters_and_merges_them(pretrained, tmp_path):
