@@ -151,9 +151,15 @@ class FilesReader:
         self.encodings: Counter[str] = Counter()
 
     def row(self, url: str, content_type: str, name: str, text: str | None = None, html: str | None = None,
-            offset: int | None = None) -> dict:
+            offset: int | None = None) -> dict | None:
+        """The raw row, or None (counted) when the document is over max_doc_bytes (a huge CSV cell,
+        JSON string or Parquet value)."""
         content = html if html is not None else text
-        self.ctx.count("read", len(content.encode("utf-8", "surrogatepass")))
+        nbytes = len(content.encode("utf-8", "surrogatepass"))
+        if nbytes > self.max_doc_bytes:
+            self.ctx.problem("skipped_too_large", f"{url}: {nbytes} bytes > max_doc_bytes {self.max_doc_bytes}", nbytes)
+            return None
+        self.ctx.count("read", nbytes)
         return {
             "id": doc_id(content),
             "url": url,
@@ -177,6 +183,11 @@ class FilesReader:
         return text
 
     def read(self, path: Path) -> Iterator[dict]:
+        for row in self._read(path):
+            if row is not None:
+                yield row
+
+    def _read(self, path: Path) -> Iterator[dict | None]:
         ext = path.suffix.lower()
         name = str(path)
         try:

@@ -76,6 +76,8 @@ def test_a_100_mb_single_line_is_skipped_in_bounded_memory(tmp_path):
         f.write(b'{"text": "' + line + b'"}\n')
         f.write(json.dumps({"text": "after"}).encode() + b"\n")
     (d / "big.txt").write_bytes(line)  # no newline at all
+    with open(d / "big.csv", "wb") as f:  # one huge cell between two small rows
+        f.write(b"text\nsmall one\n" + line[: 12 * MiB] + b"\nsmall two\n")
     root = tmp_path / "out"
     # the baseline: the same stage on the same files minus the two big ones
     small = tmp_path / "small"
@@ -87,11 +89,12 @@ def test_a_100_mb_single_line_is_skipped_in_bounded_memory(tmp_path):
     assert rc == 0, err
     assert peak - base < 48, f"peak RSS {peak:.0f} MiB vs {base:.0f} MiB without the 100 MB line"
     summary = json.loads((root / "data" / "raw" / "_summary.json").read_text())
-    assert {r["text"] for r in rows_of(root)} == {"a normal document", "before", "after"}
-    assert summary["statuses"]["skipped_too_large"] == 2
+    assert {r["text"] for r in rows_of(root)} == {"a normal document", "before", "after", "small one", "small two"}
+    assert summary["statuses"]["skipped_too_large"] == 3
     ex = summary["problem_examples"]["skipped_too_large"]
     assert any(m.startswith(f"{d}/big.jsonl:2: line of {len(line) + 13} bytes > max_doc_bytes") for m in ex), ex
     assert any(m.startswith(f"{d}/big.txt: {len(line)} bytes > max_doc_bytes") for m in ex), ex
+    assert any(m.startswith(f"{d}/big.csv#row1: {12 * MiB} bytes > max_doc_bytes") for m in ex), ex
     after = next(r for r in rows_of(root) if r["text"] == "after")
     assert after["source_offset"] == len(json.dumps({"text": "before"})) + 1 + len(line) + 13  # offsets stay exact
 
