@@ -139,13 +139,17 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 def token_bytes(tok: Tokenizer) -> list[bytes]:
-    """The exact byte string of every token id (special tokens: empty)."""
+    """The exact byte string of every token id (special tokens: empty; other added tokens:
+    their text, which decoding emits as is)."""
     table = _unicode_to_byte()
-    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    added = {i: t for i, t in tok.get_added_tokens_decoder().items()}
     out = []
     for i in range(tok.get_vocab_size()):
         s = tok.id_to_token(i)
-        out.append(b"" if s is None or s in special else bytes(table[c] for c in s))
+        if i in added:
+            out.append(b"" if added[i].special else added[i].content.encode("utf-8"))
+        else:
+            out.append(b"" if s is None else bytes(table[c] for c in s))
     return out
 
 
@@ -221,6 +225,8 @@ class FastEncoder:
             raise Unconvertible("normalizer, dropout, byte fallback or subword affixes are set")
         if (spec.get("decoder") or {}).get("type") != "ByteLevel":
             raise Unconvertible("decoder is not ByteLevel")
+        if any(not t.special for t in tok.get_added_tokens_decoder().values()):
+            raise Unconvertible("added non-special tokens are matched before BPE")
         pattern = split_pattern(spec)
         table = _unicode_to_byte()
         vocab: dict[str, int] = model["vocab"]

@@ -232,3 +232,23 @@ def test_shard_errors_are_clear(tmp_path, clean_corpus):
         shard.run(_cfg(clean_corpus, "shard.val_fraction=0.0"))
     with pytest.raises(PipelineError, match="unknown shard.encoder"):
         shard.run(_cfg(clean_corpus, "shard.encoder=fastest"))
+
+
+def test_large_vocab_gives_uint32_and_added_tokens_use_tokenizers(tmp_path):
+    assert shard.dtype_for(65536) == np.dtype("<u2") and shard.dtype_for(65537) == np.dtype("<u4")
+    clean = tmp_path / "data" / "clean"
+    clean.mkdir(parents=True)
+    texts = [f"document {i}: zz{65535 - i:05d} is an added token, 中文 and 🙂 are not. " * 30 for i in range(30)]
+    pq.write_table(pa.Table.from_pylist([{"id": doc_id(t), "text": t} for t in texts]), clean / "part-00000.parquet")
+    cfg = config.load([f"paths.root={tmp_path}", "tokenizer.vocab_size=300", "shard.val_fraction=0.4"])
+    tokenizer.run(cfg)
+    tok = tokenizer.load(cfg.paths.tokenizer)
+    tok.add_tokens([f"zz{i:05d}" for i in range(65536)])  # non-special: matched before BPE
+    tok.save(f"{cfg.paths.tokenizer}/tokenizer.json")
+    assert tokenizer.fast_encoder(tok)[0] is None
+    summary = shard.run(cfg)
+    assert summary["encoder"] == "tokenizers" and summary["dtype"] == "uint32"
+    arrays = shard.open_split(cfg.paths.shards, "val")
+    assert arrays[0].dtype == np.dtype("<u4") and int(np.concatenate(arrays).max()) > 65535
+    got = [tok.decode(d.tolist()) for d in _docs_from_bin(np.concatenate(arrays), 0)]
+    assert sorted(got) == sorted(t for t in texts if is_val(doc_id(t), 0.4))
