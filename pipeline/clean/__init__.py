@@ -401,18 +401,25 @@ def run(cfg) -> dict:
              "dedup": p.index_meta() | {"partition_rows": p.partition_rows}}
             for i in todo
         ]  # fmt: skip
+        phase = {"start": timer.seconds}
         results = map_ordered(clean_shard, tasks, cfg.executor)
+        phase["filter_and_sign"] = timer.seconds
 
         drop: dict[int, str] = {}
         if p.exact or p.near:
             dirs = [work / "bands"] + ([tmp / INDEX] if prev else [])
-            links = map_ordered(band_links, band_tasks(dirs, p), cfg.executor)
+            btasks = band_tasks(dirs, p)
+            # a few million bucket entries are a fraction of a second in one process: only fan out beyond that
+            small = sum(t["entries"] for t in btasks) <= p.partition_rows
+            links = [band_links(t) for t in btasks] if small else map_ordered(band_links, btasks, cfg.executor)
             store = SignatureStore([work / "sigs", tmp / INDEX / "sigs"])
             drop = cluster(links, run_no, store, p.min_similarity)
+        phase["dedup"] = timer.seconds
         cand = [work / f"kept-{r['index']:05d}.parquet" for r in results]
         bad, dc_info = {}, None
         if dc["enabled"]:
             bad, dc_info = _decontaminate(cfg, dc, work, cand, prev_kept_files, drop, cfg.executor)
+        phase["decontaminate"] = timer.seconds
 
         kept_w = _NumberedWriter(work / "out", CLEAN_SCHEMA, rows_per_shard, n_prev_kept)
         rej_w = _NumberedWriter(work / "out" / "rejected", REJECTED_SCHEMA, rows_per_shard, n_prev_rej)
@@ -502,6 +509,9 @@ def run(cfg) -> dict:
             done_list = (prev_meta or {}).get("shards_in", []) + [shard_info[i] for i in todo]
             write_json(tmp / INDEX / "index.json", {"run": run_no, "params": p.index_meta(), "shards_in": done_list})
         shutil.rmtree(work)
+        phase["write"] = timer.seconds
+        marks = list(phase.items())
+        phase_seconds = {k: round(t - marks[i][1], 3) for i, (k, t) in enumerate(marks[1:])}
         summary = write_summary(
             tmp,
             "clean",
@@ -530,6 +540,7 @@ def run(cfg) -> dict:
             dedup={**p.index_meta(), "index_entries": index_counts, "dropped": len(drop)},
             decontaminate=dc_info,
             step_errors=[e for r in results for e in r["errors"]][:MAX_ERROR_EXAMPLES],
+            phase_seconds=phase_seconds,
         )
     return summary
 

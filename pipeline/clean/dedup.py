@@ -223,7 +223,9 @@ def band_tasks(dirs: list[Path], p: DedupParams) -> list[dict]:
         parts = max(1, -(-total // max(1, p.partition_rows)))
         bounds = [int(i * (2**64) // parts) for i in range(parts + 1)]
         for i in range(parts):
-            tasks.append({"band": band, "files": files, "lo": bounds[i], "hi": bounds[i + 1]})
+            tasks.append(
+                {"band": band, "files": files, "lo": bounds[i], "hi": bounds[i + 1], "entries": total // parts}
+            )
     return tasks
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.clean.text import PUNCTUATION_SET, TERMINAL, cjk_fraction, non_empty_lines
+from pipeline.clean.text import PUNCTUATION_SET, TERMINAL, cjk_fraction, non_empty_lines, token_table
 from pipeline.clean.text import words as word_tokens
 from pipeline.errors import PipelineError
 
@@ -390,6 +390,18 @@ def _ngram_hashes(toks: list[str], n: int, vals: np.ndarray) -> np.ndarray:
     return h
 
 
+_VALUES = np.zeros(0, dtype=np.uint64)
+
+
+def _token_values(n: int) -> np.ndarray:
+    """Fixed random odd 64-bit values for token indices 0..n-1 (the n-gram hash alphabet)."""
+    global _VALUES
+    if len(_VALUES) < n:
+        rng = np.random.default_rng(0x5EED)
+        _VALUES = rng.integers(1, 2**63, size=max(n, 2 * len(_VALUES), 4096), dtype=np.uint64) | np.uint64(1)
+    return _VALUES[:n]
+
+
 class GopherRepetition(Step):
     """Gopher's repetition rules (duplicate lines/paragraphs, top and duplicated n-grams).
 
@@ -449,16 +461,14 @@ class GopherRepetition(Step):
         if self.dup_line_char_frac and chars / len(text) > self.dup_line_char_frac:
             return Reject("dup_line_char_frac")
 
-        toks = word_tokens(text)
+        table = token_table(text)
+        toks = table.toks
         if not toks:
             return doc
         cjk = cjk_fraction(text) > self.cjk_threshold
         scale, sep = (self.cjk_ngram_scale, 0) if cjk else (1, 1)
-        index: dict[str, int] = {}
-        ids = np.fromiter((index.setdefault(t, len(index)) for t in toks), dtype=np.int64, count=len(toks))
-        rng = np.random.default_rng(0x5EED)
-        vals = rng.integers(1, 2**63, size=len(index), dtype=np.uint64, endpoint=False)[ids] | np.uint64(1)
-        lens = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+        vals = _token_values(len(table.vocab))[table.ids]
+        lens = np.fromiter((len(t) for t in table.vocab), dtype=np.int64, count=len(table.vocab))[table.ids]
         cum = np.concatenate([[0], np.cumsum(lens)])
         n_text = len(text)
         for n0, frac in self.top_n_grams:
@@ -544,10 +554,11 @@ class GopherQuality(Step):
 
     def __call__(self, doc: dict) -> dict | Reject:
         text = doc["text"]
-        toks = word_tokens(text)
-        n_words = len(toks)
-        ws = [w for w in toks if not PUNCTUATION_SET.issuperset(w)]
-        n = len(ws)
+        table = token_table(text)
+        n_words = len(table.toks)
+        info = _token_info(table.vocab)  # per distinct token: is a word (not only punctuation), has a letter
+        is_word, has_alpha, lens = info[:, 0].astype(bool), info[:, 1].astype(bool), info[:, 2]
+        n = int(table.counts[is_word].sum())
         if self.min_doc_words and n < self.min_doc_words:
             return Reject("gopher_short_doc")
         if self.max_doc_words and n > self.max_doc_words:
@@ -556,7 +567,7 @@ class GopherQuality(Step):
             return Reject("gopher_short_doc")
         cjk = cjk_fraction(text) > self.cjk_threshold
         if not cjk:
-            avg = sum(len(w) for w in ws) / n
+            avg = float((table.counts * lens)[is_word].sum()) / n
             if self.min_avg_word_length and avg < self.min_avg_word_length:
                 return Reject("gopher_below_avg_threshold")
             if self.max_avg_word_length and avg > self.max_avg_word_length:
@@ -578,14 +589,30 @@ class GopherQuality(Step):
             if ell / len(lines) > self.max_ellipsis_lines_ratio:
                 return Reject("gopher_too_many_end_ellipsis")
         if self.max_non_alpha_words_ratio:
-            alpha = sum(1 for w in toks if any(c.isalpha() for c in w))
-            if alpha / n_words < self.max_non_alpha_words_ratio:
+            if int(table.counts[has_alpha].sum()) / n_words < self.max_non_alpha_words_ratio:
                 return Reject("gopher_below_alpha_threshold")
         if self.min_stop_words:
             stop = self.cjk_stop_words if cjk else self.stop_words
-            if len(stop.intersection(toks)) < self.min_stop_words:
+            if len(stop.intersection(table.vocab)) < self.min_stop_words:
                 return Reject("gopher_enough_stop_words")
         return doc
+
+
+_INFO: dict[str, tuple[int, int, int]] = {}
+
+
+def _token_info(vocab: list[str]) -> np.ndarray:
+    """[len(vocab), 3] int array: not only punctuation, contains a letter, length (memoised per token)."""
+    info, get = _INFO, _INFO.get
+    if len(info) > 1_000_000:
+        info.clear()
+    rows = []
+    for w in vocab:
+        r = get(w)
+        if r is None:
+            r = info[w] = (int(not PUNCTUATION_SET.issuperset(w)), int(any(c.isalpha() for c in w)), len(w))
+        rows.append(r)
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")

@@ -38,7 +38,40 @@ TERMINAL = (".", "!", "?", '"', "'", "\u3002", "\uff01", "\uff1f", "\u201d", "\u
 
 def words(text: str) -> list[str]:
     """spaCy-like word tokens; each CJK character is one token."""
-    return TOKEN_RE.findall(text)
+    return token_table(text).toks
+
+
+class TokenTable:
+    """A text's tokens, its distinct tokens (first-seen order) and each token's index into them.
+
+    The Gopher steps run one after the other on the same string: the last table is cached
+    (by identity of the string), so the text is tokenised once, and per-token properties
+    are computed once per distinct token, not once per occurrence.
+    """
+
+    __slots__ = ("counts", "ids", "text", "toks", "vocab")
+
+    def __init__(self, text: str) -> None:
+        import numpy as np
+
+        self.text = text
+        self.toks = TOKEN_RE.findall(text)
+        index: dict[str, int] = {}
+        self.ids = np.fromiter((index.setdefault(t, len(index)) for t in self.toks), dtype=np.int64,
+                               count=len(self.toks))  # fmt: skip
+        self.vocab = list(index)
+        self.counts = np.bincount(self.ids, minlength=len(self.vocab))
+
+
+_LAST: list[TokenTable] = []
+
+
+def token_table(text: str) -> TokenTable:
+    if _LAST and _LAST[0].text is text:
+        return _LAST[0]
+    table = TokenTable(text)
+    _LAST[:] = [table]
+    return table
 
 
 def cjk_fraction(text: str) -> float:
