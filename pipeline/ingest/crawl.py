@@ -75,7 +75,12 @@ def _archive(source, state: CrawlState, kind: str) -> WarcArchive | None:
 
 
 def _prune(archive: WarcArchive, kind: str, keep: int) -> None:
-    """Keep the newest ``keep`` archives of this source (0 keeps all)."""
+    """At commit: publish this run's archive under its final name, drop partial archives of
+    runs that were killed and will not be resumed (the state has moved past them), and keep
+    the newest ``keep`` archives of this source (0 keeps all)."""
+    archive.finish()
+    for p in archive.directory.glob(f".{kind}-*.warc.gz.partial"):
+        p.unlink(missing_ok=True)
     if keep <= 0:
         return
     old = sorted(archive.directory.glob(f"{kind}-*.warc.gz"))[:-keep]

@@ -38,6 +38,10 @@ class WarcArchive:
 
     ``truncate_to`` cuts a file back to the last record the crawl state committed, so a run
     resumed after SIGKILL continues the same archive without a half-written record.
+
+    Until :meth:`finish` (the stage succeeded) the file is ``.<name>.partial``: an archive cut
+    short by a killed run is never visible under a finished archive's name (nor matched by a
+    ``*.warc.gz`` glob a replay would use).
     """
 
     def __init__(self, directory: Path, name: str, truncate_to: int | None = None, info: dict | None = None) -> None:
@@ -45,10 +49,11 @@ class WarcArchive:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.path = self.directory / name
-        if truncate_to is not None and self.path.exists():
-            with open(self.path, "r+b") as f:
+        self.partial = self.directory / f".{name}.partial"
+        if truncate_to is not None and self.partial.exists():
+            with open(self.partial, "r+b") as f:
                 f.truncate(truncate_to)
-        self.f = open(self.path, "ab")
+        self.f = open(self.partial, "ab")
         self.writer = WARCWriter(self.f, gzip=True)
         self.records = 0
         if self.f.tell() == 0:
@@ -73,6 +78,12 @@ class WarcArchive:
 
     def close(self) -> None:
         self.f.close()
+
+    def finish(self) -> None:
+        """Publish the archive under its final name (the run that wrote it succeeded)."""
+        self.close()
+        if self.partial.exists():
+            os.replace(self.partial, self.path)
 
 
 # ---------------------------------------------------------------- reading
