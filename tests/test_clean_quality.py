@@ -18,7 +18,7 @@ from pipeline.clean.steps import (
     Reject,
     ResiliparseExtract,
 )
-from pipeline.clean.text import cjk_fraction, dedup_tokens, words
+from pipeline.clean.text import cjk_fraction, dedup_tokens, text_hash, token_table, words
 
 EN = (
     "The quick brown fox jumps over the lazy dog near the river bank.\n"
@@ -62,6 +62,13 @@ def test_words_split_like_spacy_and_cjk_by_character():
     assert words("我们在公园散步。") == ["我", "们", "在", "公", "园", "散", "步", "。"]
     assert words("Python 3.11 版本") == ["Python", "3", ".", "11", "版", "本"]
     assert cjk_fraction(ZH) > 0.8 and cjk_fraction(EN) == 0
+    for text in (EN, ZH, "Don't 'quote' rock'n'roll __init__ x''y e.g. 😀😀 w\U0001d518rd", ""):
+        table = token_table(text)  # the array form the Gopher steps use: same tokens
+        toks = words(text)
+        assert table.n == len(toks) and table.lens.tolist() == [len(t) for t in toks]
+        assert len(set(table.hashes.tolist())) == len(set(toks))
+        assert table.has_alpha.tolist() == [any(c.isalpha() for c in t) for t in toks]
+        assert [table.hashes[i] == text_hash(t) for i, t in enumerate(toks)] == [True] * len(toks)
     assert dedup_tokens("Hello, World 42! snake_case 3.11") == ["hello", "world", "00", "snake_case", "0", "00"]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.clean.text import PUNCTUATION_SET, TERMINAL, cjk_fraction, non_empty_lines, token_table
+from pipeline.clean.text import PUNCTUATION_SET, TERMINAL, cjk_fraction, non_empty_lines, text_hash, token_table
 from pipeline.clean.text import words as word_tokens
 from pipeline.errors import PipelineError
 
@@ -383,23 +383,11 @@ STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 CJK_STOP_WORDS = ("的", "了", "是", "在", "和", "有", "我", "不", "这", "也", "就", "人", "都", "一", "们", "个")
 
 
-def _ngram_hashes(toks: list[str], n: int, vals: np.ndarray) -> np.ndarray:
-    h = np.zeros(len(toks) - n + 1, dtype=np.uint64)
+def _ngram_hashes(n: int, vals: np.ndarray) -> np.ndarray:
+    h = np.zeros(len(vals) - n + 1, dtype=np.uint64)
     for k in range(n):  # sum of per-token random 64-bit values times position weights (wrapping)
         h = h * np.uint64(0x9E3779B97F4A7C15) + vals[k : k + len(h)]
     return h
-
-
-_VALUES = np.zeros(0, dtype=np.uint64)
-
-
-def _token_values(n: int) -> np.ndarray:
-    """Fixed random odd 64-bit values for token indices 0..n-1 (the n-gram hash alphabet)."""
-    global _VALUES
-    if len(_VALUES) < n:
-        rng = np.random.default_rng(0x5EED)
-        _VALUES = rng.integers(1, 2**63, size=max(n, 2 * len(_VALUES), 4096), dtype=np.uint64) | np.uint64(1)
-    return _VALUES[:n]
 
 
 class GopherRepetition(Step):
@@ -462,20 +450,18 @@ class GopherRepetition(Step):
             return Reject("dup_line_char_frac")
 
         table = token_table(text)
-        toks = table.toks
-        if not toks:
+        if not table.n:
             return doc
         cjk = cjk_fraction(text) > self.cjk_threshold
         scale, sep = (self.cjk_ngram_scale, 0) if cjk else (1, 1)
-        vals = _token_values(len(table.vocab))[table.ids]
-        lens = np.fromiter((len(t) for t in table.vocab), dtype=np.int64, count=len(table.vocab))[table.ids]
+        vals, lens = table.hashes, table.lens
         cum = np.concatenate([[0], np.cumsum(lens)])
         n_text = len(text)
         for n0, frac in self.top_n_grams:
             n = n0 * scale
-            if len(toks) < n:
+            if table.n < n:
                 continue
-            h = _ngram_hashes(toks, n, vals)
+            h = _ngram_hashes(n, vals)
             _uniq, first, counts = np.unique(h, return_index=True, return_counts=True)
             best = counts.max()
             i = int(first[counts == best].min())  # Counter.most_common: the first seen among ties
@@ -484,9 +470,9 @@ class GopherRepetition(Step):
                 return Reject(f"top_{n0}_gram")
         for n0, frac in self.dup_n_grams:
             n = n0 * scale
-            if len(toks) < n:
+            if table.n < n:
                 continue
-            if self._dup_chars(_ngram_hashes(toks, n, vals), cum, n, n_text * frac) / n_text > frac:
+            if self._dup_chars(_ngram_hashes(n, vals), cum, n, n_text * frac) / n_text > frac:
                 return Reject(f"duplicated_{n0}_n_grams")
         return doc
 
@@ -551,14 +537,14 @@ class GopherQuality(Step):
         self.stop_words = frozenset(stop_words)
         self.cjk_stop_words = frozenset(cjk_stop_words)
         self.cjk_threshold = float(cjk_threshold)
+        self._stop_hashes = np.array(sorted(text_hash(w) for w in self.stop_words), dtype=np.uint64)
+        self._cjk_stop_hashes = np.array(sorted(text_hash(w) for w in self.cjk_stop_words), dtype=np.uint64)
 
     def __call__(self, doc: dict) -> dict | Reject:
         text = doc["text"]
         table = token_table(text)
-        n_words = len(table.toks)
-        info = _token_info(table.vocab)  # per distinct token: is a word (not only punctuation), has a letter
-        is_word, has_alpha, lens = info[:, 0].astype(bool), info[:, 1].astype(bool), info[:, 2]
-        n = int(table.counts[is_word].sum())
+        n_words = table.n
+        n = int(table.is_word.sum())
         if self.min_doc_words and n < self.min_doc_words:
             return Reject("gopher_short_doc")
         if self.max_doc_words and n > self.max_doc_words:
@@ -567,7 +553,7 @@ class GopherQuality(Step):
             return Reject("gopher_short_doc")
         cjk = cjk_fraction(text) > self.cjk_threshold
         if not cjk:
-            avg = float((table.counts * lens)[is_word].sum()) / n
+            avg = float(table.lens[table.is_word].sum()) / n
             if self.min_avg_word_length and avg < self.min_avg_word_length:
                 return Reject("gopher_below_avg_threshold")
             if self.max_avg_word_length and avg > self.max_avg_word_length:
@@ -588,31 +574,13 @@ class GopherQuality(Step):
             ell = sum(1 for s in lines if s.rstrip().endswith(("...", "\u2026")))
             if ell / len(lines) > self.max_ellipsis_lines_ratio:
                 return Reject("gopher_too_many_end_ellipsis")
-        if self.max_non_alpha_words_ratio:
-            if int(table.counts[has_alpha].sum()) / n_words < self.max_non_alpha_words_ratio:
-                return Reject("gopher_below_alpha_threshold")
+        if self.max_non_alpha_words_ratio and int(table.has_alpha.sum()) / n_words < self.max_non_alpha_words_ratio:
+            return Reject("gopher_below_alpha_threshold")
         if self.min_stop_words:
-            stop = self.cjk_stop_words if cjk else self.stop_words
-            if len(stop.intersection(table.vocab)) < self.min_stop_words:
+            stop = self._cjk_stop_hashes if cjk else self._stop_hashes
+            if int(np.isin(stop, table.hashes).sum()) < self.min_stop_words:
                 return Reject("gopher_enough_stop_words")
         return doc
-
-
-_INFO: dict[str, tuple[int, int, int]] = {}
-
-
-def _token_info(vocab: list[str]) -> np.ndarray:
-    """[len(vocab), 3] int array: not only punctuation, contains a letter, length (memoised per token)."""
-    info, get = _INFO, _INFO.get
-    if len(info) > 1_000_000:
-        info.clear()
-    rows = []
-    for w in vocab:
-        r = get(w)
-        if r is None:
-            r = info[w] = (int(not PUNCTUATION_SET.issuperset(w)), int(any(c.isalpha() for c in w)), len(w))
-        rows.append(r)
-    return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
 _CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
@@ -742,6 +710,6 @@ class FineWebQuality(Step):
                 seen.add(line)
         if dup_chars / max(1, len(text.replace("\n", ""))) > self.char_duplicates_ratio:
             return Reject("char_dup_ratio")
-        if text.count("\n") / max(1, len(word_tokens(text))) > self.new_line_ratio:
+        if text.count("\n") / max(1, token_table(text).n) > self.new_line_ratio:
             return Reject("list_ratio")
         return doc

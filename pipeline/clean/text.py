@@ -37,30 +37,119 @@ TERMINAL = (".", "!", "?", '"', "'", "\u3002", "\uff01", "\uff1f", "\u201d", "\u
 
 
 def words(text: str) -> list[str]:
-    """spaCy-like word tokens; each CJK character is one token."""
-    return token_table(text).toks
+    """spaCy-like word tokens; each CJK character is one token (TokenTable: the same, as arrays)."""
+    return TOKEN_RE.findall(text)
 
 
 class TokenTable:
-    """A text's tokens, its distinct tokens (first-seen order) and each token's index into them.
+    """A text's tokens as numpy arrays, computed from its code points without a Python loop.
 
-    The Gopher steps run one after the other on the same string: the last table is cached
-    (by identity of the string), so the text is tokenised once, and per-token properties
-    are computed once per distinct token, not once per occurrence.
+    Same tokens as ``words()`` (runs of word characters joined across apostrophes, runs of
+    punctuation, single CJK characters), but what the Gopher rules need comes out as arrays:
+    per token a 64-bit hash (equal tokens, equal hashes), its length in characters, whether
+    it has a character outside datatrove's punctuation set (a "word", not a symbol) and
+    whether it has a letter. The Gopher steps run one after another on the same string,
+    so the last table is cached by the string's identity.
     """
 
-    __slots__ = ("counts", "ids", "text", "toks", "vocab")
+    __slots__ = ("has_alpha", "hashes", "is_word", "lens", "n", "text")
 
     def __init__(self, text: str) -> None:
         import numpy as np
 
         self.text = text
-        self.toks = TOKEN_RE.findall(text)
-        index: dict[str, int] = {}
-        self.ids = np.fromiter((index.setdefault(t, len(index)) for t in self.toks), dtype=np.int64,
-                               count=len(self.toks))  # fmt: skip
-        self.vocab = list(index)
-        self.counts = np.bincount(self.ids, minlength=len(self.vocab))
+        cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        cls, nonpunct, alpha = _char_tables(cp)
+        c = cls[cp] if len(cp) and int(cp.max()) < len(cls) else _classes(cp, cls)
+        apos = c == _APOS
+        if apos.any():  # an apostrophe between word characters joins them (don't), else it is punctuation
+            prev_w = np.concatenate(([False], c[:-1] == _WORD))
+            next_w = np.concatenate((c[1:] == _WORD, [False]))
+            c = np.where(apos, np.where(prev_w & next_w, _WORD, _PUNCT), c).astype(np.uint8)
+        bound = np.ones(len(c), dtype=bool)
+        bound[1:] = (c[1:] != c[:-1]) | (c[1:] == _CJK)
+        b = np.flatnonzero(bound)
+        starts = b[c[b] != _SPACE]
+        ends = np.append(b, len(c))[np.searchsorted(b, starts) + 1]
+        self.n = len(starts)
+        self.lens = ends - starts
+        small = np.minimum(cp, len(nonpunct) - 1)
+        npre = np.concatenate(([0], np.cumsum(nonpunct[small] | (cp >= len(nonpunct)))))
+        apre = np.concatenate(([0], np.cumsum(alpha[small] | ((cp >= len(alpha)) & (c == _WORD)))))
+        self.is_word = (npre[ends] - npre[starts]) > 0
+        self.has_alpha = (apre[ends] - apre[starts]) > 0
+        self.hashes = span_hashes(cp, starts, ends)
+
+
+_SPACE, _WORD, _PUNCT, _CJK, _APOS = 0, 1, 2, 3, 4
+_TABLES: list = []
+
+
+def _char_class(ch: str) -> int:
+    if ch.isspace():
+        return _SPACE
+    if _CJK_CHAR.match(ch):
+        return _CJK
+    if ch in "'\u2019":
+        return _APOS
+    return _WORD if (ch.isalnum() or ch == "_") else _PUNCT  # exactly re's \w for str patterns
+
+
+def _char_tables(cp):
+    """Per code point of the Basic Multilingual Plane: class, not-punctuation, is-letter."""
+    import numpy as np
+
+    if not _TABLES:
+        chars = [chr(i) for i in range(0x10000)]
+        cls = np.array([_char_class(ch) for ch in chars], dtype=np.uint8)
+        nonpunct = np.array([ch not in PUNCTUATION_SET for ch in chars], dtype=np.int32)
+        alpha = np.array([ch.isalpha() for ch in chars], dtype=np.int32)
+        _TABLES[:] = [cls, nonpunct, alpha]
+    return _TABLES
+
+
+def _classes(cp, cls):
+    """Classes for text with characters beyond the BMP (emoji, rare CJK): looked up one by one."""
+    import numpy as np
+
+    out = cls[np.minimum(cp, len(cls) - 1)].copy()
+    high = cp >= len(cls)
+    for v in np.unique(cp[high]).tolist():
+        out[cp == v] = _char_class(chr(v))
+    return out
+
+
+_POW: list = []
+
+
+def span_hashes(cp, starts, ends):
+    """64-bit hash of each span ``cp[starts[i]:ends[i]]``: polynomial prefix sums over the code
+    points, differenced and shifted back to power 0 (wrapping uint64 arithmetic), then mixed."""
+    import numpy as np
+
+    n = len(cp)
+    if not _POW or len(_POW[0]) < n + 1:
+        m = max(n + 1, 2 * len(_POW[0]) if _POW else 1 << 16)
+        p = np.uint64(0x100000001B3)
+        inv = np.uint64(pow(int(p), -1, 2**64))
+        one = np.ones(1, dtype=np.uint64)
+        _POW[:] = [np.concatenate([one, np.cumprod(np.full(m - 1, p, dtype=np.uint64), dtype=np.uint64)]),
+                   np.concatenate([one, np.cumprod(np.full(m - 1, inv, dtype=np.uint64), dtype=np.uint64)])]  # fmt: skip
+    pw, ipw = _POW
+    pre = np.concatenate([np.zeros(1, dtype=np.uint64),
+                          np.cumsum((cp.astype(np.uint64) + np.uint64(1)) * pw[:n], dtype=np.uint64)])  # fmt: skip
+    h = (pre[ends] - pre[starts]) * ipw[starts]
+    h = h ^ (h >> np.uint64(31))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(29))
+
+
+def text_hash(token: str) -> int:
+    """The hash TokenTable gives ``token`` (for looking words up, e.g. stop words)."""
+    import numpy as np
+
+    cp = np.frombuffer(token.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return int(span_hashes(cp, np.array([0]), np.array([len(cp)]))[0])
 
 
 _LAST: list[TokenTable] = []
