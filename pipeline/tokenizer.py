@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -481,7 +482,10 @@ def _val_texts(files: Sequence[Path], val_fraction: float, cap: int) -> list[str
 def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     """Bytes per token on the validation split, overall and per language, plus checks."""
     fast, why = fast_encoder(tok)
-    encode = fast.encode if fast is not None else (lambda ts: [np.asarray(i) for i in encode_plain(tok, ts)])
+    threads = os.cpu_count() or 1  # training is over: every core is free
+    encode = (lambda ts: fast.encode(ts, threads)) if fast is not None else (
+        lambda ts: [np.asarray(i) for i in encode_plain(tok, ts)]
+    )
     gpt2, gpt2_note = _gpt2_encoder()
     cap = int(cfg.tokenizer.get("stats_max_bytes", 20_000_000))
     val_fraction = float(cfg.shard.val_fraction)
@@ -511,7 +515,7 @@ def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     stats["bytes_per_token"] = stats["val"]["bytes_per_token"]
 
     # round trip with the source of truth, and the fast encoder against it, on a bounded sample
-    check_cap = int(cfg.tokenizer.get("check_bytes", 100_000))
+    check_cap = int(cfg.tokenizer.get("check_bytes", 50_000))
     sample, n = [], 0
     for t in texts:
         if n >= check_cap:
