@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.model.lightning import LitGPT, WindowBatches, _StepDataModule, lr_at  # noqa: E402
-from pipeline.model.optim import build_optimizer  # noqa: E402
-from pipeline.model.trainer import fit  # noqa: E402
+from pipeline.config import load
+from pipeline.model import build_model
+from pipeline.model.lightning import LitGPT, WindowBatches, _StepDataModule, lr_at
+from pipeline.model.optim import build_optimizer
+from pipeline.model.trainer import fit
 
 WARMUP = 3
 

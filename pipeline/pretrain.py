@@ -25,12 +25,20 @@ from pipeline.config import config_hash, to_container
 from pipeline.errors import PipelineError
 from pipeline.export import export_hf
 from pipeline.model import build_model
-from pipeline.model.lightning import LitGPT, ShardDataModule
-from pipeline.shard import read_index
 from pipeline.model.gpt import GPTConfig
+from pipeline.model.lightning import LitGPT, ShardDataModule
+from pipeline.model.trainer import (
+    cleanup_stale,
+    find_resume,
+    fit,
+    is_rank_zero,
+    output_dir,
+    setup_torch,
+    write_meta,
+)
+from pipeline.shard import read_index
 from pipeline.tokenizer import load as load_tokenizer
 from pipeline.tokenizer import token_byte_lengths
-from pipeline.model.trainer import cleanup_stale, find_resume, fit, is_rank_zero, output_dir, setup_torch, write_meta
 
 # keys that change how long or how loudly a run goes, not what it computes
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
-
 from conftest import run_cli
 from fixtures import make_project
+
 from pipeline.model.lightning import WindowBatches
 from pipeline.shard import open_split, read_index
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import make_project
+
 from pipeline import pretrain
 from pipeline.config import load
 from pipeline.model import load_trained

@@ -12,8 +12,15 @@ from pipeline.export import to_llama
 from pipeline.generate import generate, generate_ids
 from pipeline.model import build_model
 from pipeline.model.gpt import GPT, GPTConfig, apply_rope, rotate_half
-from pipeline.model.lightning import (StepSampler, WindowBatches, collate, fixed_windows, flops_per_token,
-                                      lr_at, mlm_mask)
+from pipeline.model.lightning import (
+    StepSampler,
+    WindowBatches,
+    collate,
+    fixed_windows,
+    flops_per_token,
+    lr_at,
+    mlm_mask,
+)
 
 MICRO = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, d_model=32, mlp_hidden=48, rope_theta=500.0)
 
@@ -152,10 +159,10 @@ def test_collate_shifts_labels_and_masks_padding():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from fixtures import pydoc_text, write_tokenizer
-
     import tempfile
     from pathlib import Path
+
+    from fixtures import pydoc_text, write_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         return write_tokenizer(Path(d), [pydoc_text("json"), pydoc_text("textwrap")], vocab_size=300)

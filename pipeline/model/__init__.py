@@ -25,7 +25,7 @@ def build_model(model_cfg, vocab_size: int) -> GPT:
     d = dict(model_cfg)
     kind = d.get("kind", "gpt")
     if kind == "lstm":
-        from pipeline.model.lstm import LSTMConfig, LSTMLM
+        from pipeline.model.lstm import LSTMLM, LSTMConfig
 
         return LSTMLM(LSTMConfig.from_dict(d, vocab_size=int(vocab_size)))
     if kind != "gpt":

@@ -313,7 +313,7 @@ def fit(
     trains = [r["train_loss"] for r in rows if "train_loss" in r]
     world = int(trainer.world_size)
     best_step = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])["step"] if vals else None
-    ranks = _rank_digests(module, digest, world)
+    ranks = _rank_digests(module, digest, world, weights="fsdp" not in str(tc.get("strategy", "auto")).lower())
     return {
         "accumulate": accumulate,
         "tokens_per_step": tokens_per_step * world,
@@ -353,11 +353,12 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _rank_digests(module, digest: DataDigest, world: int) -> list[dict]:
+def _rank_digests(module, digest: DataDigest, world: int, weights: bool = True) -> list[dict]:
     """Per rank: a hash of the token ids it trained on and of its final weights, gathered on
-    every rank. DDP must end with identical weights on every rank from distinct data."""
+    every rank. DDP must end with identical weights on every rank from distinct data (FSDP
+    ranks hold different shards, so no weight hash there)."""
     mine = {"rank": int(module.global_rank), "batches": digest.batches, "data_xxh64": digest.hexdigest(),
-            "weights_sha256": weights_digest(module.model)}
+            "weights_sha256": weights_digest(module.model) if weights else None}
     if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return [mine]
     out: list = [None] * world
