@@ -275,12 +275,44 @@ _LANGID = None
 
 
 def _langid():
-    """langid.py's identifier (its model ships inside the wheel), loaded once per process."""
+    """langid.py's identifier (its model ships inside the wheel), loaded once per process.
+
+    The wheel stores the model as base64 + bz2 + pickle, which takes 1.5 s (10 s on a busy
+    machine) to unpack; the unpacked arrays are cached in ``$PIPELINE_CACHE_DIR`` (default
+    ``~/.cache/pipeline``), keyed by the model's hash, and load from there in milliseconds.
+    """
     global _LANGID
     if _LANGID is None:
+        import base64
+        import bz2
+        import hashlib
+        import os
+        import pickle
+        from pathlib import Path
+
         from langid.langid import LanguageIdentifier, model
 
-        _LANGID = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+        key = hashlib.sha256(model.encode() if isinstance(model, str) else model).hexdigest()[:16]
+        cache = Path(os.environ.get("PIPELINE_CACHE_DIR") or Path.home() / ".cache" / "pipeline") / f"langid-{key}.pkl"
+        parts = None
+        try:
+            parts = pickle.loads(cache.read_bytes())
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+            parts = None
+        if parts is None:
+            nb_ptc, nb_pc, nb_classes, tk_nextmove, tk_output = pickle.loads(bz2.decompress(base64.b64decode(model)))
+            parts = (np.array(nb_ptc), np.array(nb_pc), list(nb_classes), tk_nextmove, tk_output)
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+                tmp.write_bytes(pickle.dumps(parts, protocol=5))
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # a read-only home: load from the wheel every time
+        nb_ptc, nb_pc, nb_classes, tk_nextmove, tk_output = parts
+        feats = len(nb_ptc) // len(nb_pc)
+        _LANGID = LanguageIdentifier(nb_ptc.reshape(feats, len(nb_pc)), nb_pc, feats, nb_classes, tk_nextmove,
+                                     tk_output, norm_probs=True)  # fmt: skip
     return _LANGID
 
 
