@@ -12,13 +12,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import make_project
 
 from pipeline import pretrain
 from pipeline.config import load
 from pipeline.errors import PipelineError
 from pipeline.generate import generate_from_run
 from pipeline.model import load_trained
-from fixtures import make_project
 from pipeline.model.lightning import ShardDataModule
 
 
@@ -110,7 +110,8 @@ def test_load_trained_reproduces_the_logged_val_loss(trained):
             losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item())
     assert sum(losses) / len(losses) == pytest.approx(summary["final_val_loss"], abs=1e-4)
     # bits per byte: the same nats over the UTF-8 bytes of the scored tokens
-    from pipeline.tokenizer import load as load_tokenizer, token_byte_lengths
+    from pipeline.tokenizer import load as load_tokenizer
+    from pipeline.tokenizer import token_byte_lengths
 
     lengths = token_byte_lengths(load_tokenizer(Path(cfg.paths.tokenizer)))
     nats = sum(l * y.numel() for l, (_, y) in zip(losses, dm._val_batches()))
@@ -175,6 +176,54 @@ def test_resume_after_interruption_is_exact(project, trained):
     assert best_a["global_step"] == best_b["global_step"], "the best checkpoint survives the resume"
     assert (out / "tensorboard").is_dir()
     assert not list(out.parent.glob("resumed.tmp-*")), "the interrupted run's temp dir is cleaned up"
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_with_the_same_batches(project, trained):
+    """A real `python -m pipeline pretrain` process, SIGKILLed once a checkpoint is on disk,
+    then started again: its loss curve, step by step, and its weights equal the
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, overrides = project
+    cfg_a, _, _ = trained
+    out = root / "models" / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "pretrain", *overrides, f"paths.pretrain={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out.with_name(f"killed.tmp-{proc.pid}") / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file():
+            try:
+                if torch.load(ckpt, weights_only=True, mmap=True)["global_step"] >= 10:
+                    break
+            except (RuntimeError, EOFError, KeyError, OSError):  # still being written
+                pass
+        time.sleep(0.02)
+    # the CSV row of the checkpointed step is flushed a few ms after the checkpoint itself
+    # (Lightning logs a step's metrics after its callbacks): kill past that window
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["resumed_from_step"] in (10, 20, 30) and summary["steps"] == 40
+    assert summary["steps_this_run"] == 40 - summary["resumed_from_step"]
+    expected = _deterministic(_metrics(Path(cfg_a.paths.pretrain) / "metrics.csv"))
+    assert _deterministic(_metrics(out / "metrics.csv")) == expected
+    a, _ = load_trained(cfg_a.paths.pretrain)
+    b, _ = load_trained(out)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not list(out.parent.glob("killed.tmp-*"))
 
 
 def test_missing_inputs_name_the_command_to_run(tmp_path):

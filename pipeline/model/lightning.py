@@ -234,9 +234,10 @@ class Throughput(L.Callback):
             pl_module.log(k, v, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
 
 
-class DataDigest(L.Callback):
+class DataDigest:
     """A running hash of the token ids this rank trained on (cheap: xxhash over each batch's
-    bytes), so a distributed run can show that its ranks read distinct data."""
+    bytes), so a distributed run can show that its ranks read distinct data. Fed by the
+    data module before the batch moves to the device, so a GPU run never syncs for it."""
 
     def __init__(self) -> None:
         import xxhash
@@ -244,8 +245,8 @@ class DataDigest(L.Callback):
         self._h = xxhash.xxh64()
         self.batches = 0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._h.update(batch[0].detach().cpu().numpy().tobytes())
+    def update(self, x: torch.Tensor) -> None:
+        self._h.update(x.numpy().tobytes())
         self.batches += 1
 
     def hexdigest(self) -> str:
@@ -395,6 +396,13 @@ class _StepDataModule(L.LightningDataModule):
 
     max_steps: int
     accumulate: int = 1  # micro-batches per optimizer step (set by `trainer.fit` from the config)
+    digest: DataDigest | None = None  # hashes the training batches when set (by `trainer.fit`)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = getattr(self, "trainer", None)
+        if self.digest is not None and trainer is not None and trainer.training:
+            self.digest.update(batch[0])
+        return batch
 
     def _train_dataset(self, rank: int, world: int) -> Dataset:  # pragma: no cover - abstract
         raise NotImplementedError

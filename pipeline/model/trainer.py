@@ -239,6 +239,7 @@ def fit(
     peak = tc.get("peak_flops", None)
     throughput = Throughput(tokens_per_step, flops_per_token(module.model), float(peak) if peak else None, log_every)
     digest = DataDigest()
+    datamodule.digest = digest
     cbs = [
         ModelCheckpoint(
             dirpath=work / "checkpoints",
@@ -249,7 +250,6 @@ def fit(
             enable_version_counter=False,
         ),
         throughput,
-        digest,
         *callbacks,
     ]
     if has_val:
