@@ -11,12 +11,18 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from warcio.archiveiterator import ArchiveIterator
+from warcio.bufferedreaders import (
+    BufferedReader,
+    ChunkedDataException,
+    ChunkedDataReader,
+)
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.limitreader import LimitReader
 from warcio.statusandheaders import StatusAndHeaders
@@ -181,6 +187,36 @@ def iter_records(path: Path, max_payload: int, wanted: set[str]) -> Iterator[Rec
             pos = nxt
 
 
+_CHUNK_LINE = re.compile(rb"[0-9A-Fa-f]+[ \t]*(;[^\r\n]*)?\r\n")
+
+
+def _decode_body(raw: bytes, http_headers, max_payload: int, start: int) -> bytes | None:
+    """The HTTP body as warcio's ``content_stream()`` gives it (de-chunked, Content-Encoding
+    decoded), but capped at ``max_payload`` decoded bytes (None when over) and strict about
+    chunk lengths: warcio silently returns chunk framing as content, or a short chunk as if
+    complete, when a length is wrong. A body not chunked at all despite its header (crawlers
+    often store it de-chunked) is still read as it is."""
+    encoding = (http_headers.get_header("content-encoding") or "").lower() if http_headers else ""
+    if encoding not in BufferedReader.get_supported_decompressors():
+        encoding = None
+    chunked = http_headers is not None and http_headers.get_header("transfer-encoding") == "chunked"
+    if chunked and _CHUNK_LINE.match(raw):
+        try:
+            return _capped(ChunkedDataReader(io.BytesIO(raw), raise_exceptions=True, decomp_type=encoding), max_payload)
+        except ChunkedDataException as e:
+            msg = e.args[0].decode("latin-1", "replace") if isinstance(e.args[0], bytes) else str(e.args[0])
+            msg = " ".join(msg.split())[:80]
+            raise _Damaged("bad_chunk_length", start, f"chunked HTTP body with a wrong chunk length ({msg})") from e
+    if encoding:
+        return _capped(BufferedReader(io.BytesIO(raw), decomp_type=encoding), max_payload)
+    return raw
+
+
+def _capped(stream, max_payload: int) -> bytes | None:
+    data = stream.read(max_payload + 1)
+    return None if len(data) > max_payload else data
+
+
 def _cap_readline(reader) -> None:
     """Bound every line warcio reads from this reader (per instance, warcio itself untouched)."""
     readline = reader.readline
@@ -225,15 +261,13 @@ def _record(it: ArchiveIterator, rec, max_payload: int, wanted: set[str]) -> Rec
                 ctype = rec.http_headers.get_header("Content-Type") or ""
                 length = getattr(rec.raw_stream, "limit", length)  # what is left after the headers
         if length <= max_payload:
-            # the decoded payload is capped too: a small gzip (Content-Encoding) body can inflate to gigabytes
-            payload = rec.content_stream().read(max_payload + 1)
-            if len(payload) > max_payload:
-                payload, length = None, len(payload)  # reported as "more than max_record_bytes"
-            else:
-                length = len(payload)
-            if payload is not None and rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
+            raw = rec.raw_stream.read()
+            if rec.raw_stream.limit > 0:  # the block ended before its Content-Length: a cut file
                 missing = rec.raw_stream.limit
                 raise _Damaged("truncated", start, f"record truncated ({missing} of {rec.length} bytes missing)")
+            payload = _decode_body(raw, rec.http_headers, max_payload, start)
+            # None: the decoded payload is over the cap (a small gzip body can inflate to gigabytes)
+            length = max_payload + 1 if payload is None else len(payload)
     errors = it.err_count
     it.read_to_end()
     if it.err_count > errors:  # warcio found junk where the next record should start

@@ -246,3 +246,25 @@ def test_wrong_chunk_lengths_bad_target_uris_and_empty_files(tmp_path):
         "'javascript:alert(1)' is not an http(s) URL with a host",
     ]
     assert summary["files_found"] == 4 and summary["files_read"] == 4  # the empty files: read, nothing in them
+
+
+def test_wrong_http_chunk_lengths_are_damage_not_content(tmp_path):
+    """warcio on its own returns chunk framing as text, or a short chunk as complete; a body
+    stored de-chunked under a `Transfer-Encoding: chunked` header (common) is still read."""
+    path = tmp_path / "chunked.warc.gz"
+    te = [("Transfer-Encoding", "chunked")]
+    with open(path, "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        response(w, "http://example.org/good", b"6\r\n<html>\r\n7\r\n</html>\r\n0\r\n\r\n", te)
+        response(w, "http://example.org/short", b"ff\r\n<html>short</html>\r\n0\r\n\r\n", te)
+        response(w, "http://example.org/dechunked", b"<html>stored de-chunked</html>", te)
+        response(w, "http://example.org/huge", b"fffffffffff\r\n<html>x</html>\r\n0\r\n\r\n", te)
+        response(w, "http://example.org/no-end", b"6\r\n<html>\r\nXX</html>", te)
+        response(w, "http://example.org/after", b"<html>after</html>")
+    summary = run_source(tmp_path / "out", "warc", path)
+    rows = {r["url"].rsplit("/", 1)[1]: r["html"] for r in rows_of(tmp_path / "out")}
+    assert rows == {"good": "<html></html>", "dechunked": "<html>stored de-chunked</html>", "after": "<html>after</html>"}
+    ex = summary["problem_examples"]["error_bad_chunk_length"]
+    assert summary["statuses"]["error_bad_chunk_length"] == 3 and all(m.startswith(f"{path}@") for m in ex)
+    assert "Ran out of data before end of chunk" in ex[0]
+
