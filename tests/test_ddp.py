@@ -28,7 +28,8 @@ def test_two_process_ddp_reads_distinct_data_and_ends_with_identical_weights(tmp
     out = tmp_path / "models" / "pretrain"
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == steps
-    assert summary["tokens_seen"] == steps * 8 * 64 * 2
+    assert summary["tokens_seen"] == steps * 8 * 64 * 2 and summary["tokens_per_step"] == 8 * 64 * 2
+    assert 0 < summary["mfu"] < 1
     ranks = summary["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["batches"] == steps for r in ranks)
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"], "DDP ranks diverged"

@@ -1,7 +1,8 @@
 """Lightning wrappers: the training module and the data modules over token shards / SFT rows.
 
 Batches are indexed by the optimizer step: batch `s` on rank `r` is drawn from a generator
-seeded with (seed, r, s). The sampler starts at the trainer's restored `global_step`, so a run
+seeded with (seed, r, s) (with gradient accumulation over k micro-batches, micro-batch
+`s*k + j` stands in for `s`). The sampler starts at the trainer's restored `global_step`, so a run
 resumed from `last.ckpt` sees exactly the batches it would have seen had it never stopped,
 without any dataloader state to checkpoint. Ranks draw disjoint streams (distributed-aware),
 and Lightning's own distributed sampler is turned off (`use_distributed_sampler=False`).
@@ -225,7 +226,7 @@ class Throughput(L.Callback):
         if not (self.log_every and self.tokens_per_step) or step % self.log_every or step == self._mark[0]:
             return
         secs = self.train_seconds - self._mark[1]
-        tps = (step - self._mark[0]) * self.tokens_per_step / max(secs, 1e-9)
+        tps = (step - self._mark[0]) * self.tokens_per_step * trainer.world_size / max(secs, 1e-9)  # all ranks
         self._mark = (step, self.train_seconds)
         self.last = {"tokens_per_s": tps}
         if self.peak_flops and self.flops_per_token:
