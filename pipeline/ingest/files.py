@@ -85,13 +85,15 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_files(paths: list[str], refused: list[str] | None = None) -> list[Path]:
+def resolve_files(paths: list[str], refused: list[str] | None = None, allow_outside: bool = False) -> list[Path]:
     """Every file named by the paths (dirs walked, globs expanded), each input's files sorted.
 
     A file found by walking a directory or expanding a glob must resolve inside that
     directory (the glob's fixed prefix): a symlink out of it (``-> /etc/passwd``, ``-> ../..``)
     is left out and described in ``refused``. A file reached twice (two links, a glob through
     a symlinked directory loop) is read once. Files named explicitly are taken as given.
+    ``allow_outside`` (``source.allow_outside_root``) follows links anywhere, for trusted trees
+    built of links (a Hugging Face hub snapshot, git-annex).
     """
     files: list[Path] = []
     seen: set[str] = set()
@@ -114,9 +116,10 @@ def resolve_files(paths: list[str], refused: list[str] | None = None) -> list[Pa
             found = sorted(p for p in c.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())) if walked else [c]
             for f in found:
                 real = os.path.realpath(f)  # never raises, even on a symlink loop
-                if root is not None and not _inside(real, root):
+                if root is not None and not allow_outside and not _inside(real, root):
                     if refused is not None:
-                        refused.append(f"{f}: resolves to {real}, outside the input root {root}; not read")
+                        refused.append(f"{f}: resolves to {real}, outside the input root {root}; not read "
+                                       f"(source.allow_outside_root=true follows such links)")
                     continue
                 if real not in seen:
                     seen.add(real)
@@ -358,7 +361,7 @@ def documents(source, ctx) -> Iterator[dict]:
         raise PipelineError("source=files needs source.paths, e.g. source.paths='[/data/corpus]'")
     paths = input_paths(source.paths)
     refused: list[str] = []
-    files = resolve_files(paths, refused)
+    files = resolve_files(paths, refused, bool(source.get("allow_outside_root", False)))
     for message in refused:
         ctx.problem("skipped_outside_root", message)
     reader = FilesReader(

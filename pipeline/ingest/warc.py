@@ -129,7 +129,7 @@ def documents(source, ctx) -> Iterator:
         raise PipelineError("source=warc needs source.paths, e.g. source.paths='[/data/cc/*.warc.gz]'")
     paths = input_paths(source.paths)
     refused: list[str] = []
-    files = resolve_files(paths, refused)
+    files = resolve_files(paths, refused, bool(source.get("allow_outside_root", False)))
     for message in refused:
         ctx.problem("skipped_outside_root", message)
     common = {

@@ -150,6 +150,10 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path):
     assert [r["text"] for r in rows_of(tmp_path / "glob")] == ["inside"]
     assert summary["statuses"]["skipped_outside_root"] >= 3  # escape, dotdot, dirlink/x.txt
     assert all("secret" not in json.dumps(r) for r in rows_of(tmp_path / "glob"))
+    # a trusted tree of links (a Hugging Face hub snapshot, git-annex) can opt out
+    summary = run_source(tmp_path / "trusted", "files", d, extra=["source.allow_outside_root=true"])
+    assert sorted(r["text"] for r in rows_of(tmp_path / "trusted")) == ["inside", "never ingested"]
+    assert "skipped_outside_root" not in summary["statuses"]
 
 
 def test_a_pickle_among_the_inputs_is_refused_not_loaded(tmp_path):
