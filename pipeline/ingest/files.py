@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -194,6 +195,11 @@ class FilesReader:
         ext = path.suffix.lower()
         name = str(path)
         try:
+            mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):  # a FIFO or /dev/zero would block or never end
+                self.ctx.problem("skipped_not_regular_file", f"{name}: not a regular file (a FIFO, device or "
+                                 f"socket); not read")
+                return
             with open(path, "rb") as f:
                 head = f.read(4)
         except OSError as e:

@@ -156,6 +156,19 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path):
     assert "skipped_outside_root" not in summary["statuses"]
 
 
+def test_fifos_and_devices_are_not_read(tmp_path):
+    """A named pipe would block the stage forever, /dev/zero would never end."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "ok.txt").write_text("fine")
+    os.mkfifo(d / "pipe.txt")
+    summary = run_source(tmp_path / "out", "files", d, "/dev/zero", d / "pipe.txt")
+    assert [r["text"] for r in rows_of(tmp_path / "out")] == ["fine"]
+    ex = summary["problem_examples"]["skipped_not_regular_file"]
+    assert summary["statuses"]["skipped_not_regular_file"] == 2  # named explicitly (a directory walk lists only regular files)
+    assert sorted(m.split(":")[0] for m in ex) == ["/dev/zero", f"{d}/pipe.txt"]
+
+
 def test_a_pickle_among_the_inputs_is_refused_not_loaded(tmp_path):
     import pickle
 

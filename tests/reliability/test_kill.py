@@ -134,19 +134,26 @@ def test_a_run_killed_between_its_two_renames_gets_its_previous_output_back(tmp_
     assert sorted(p.name for p in out.parent.iterdir()) == ["x"]  # the dead run's leftovers are gone
 
 
-def test_two_runs_in_one_workspace_second_refused_via_cli(tmp_path, corpus):
+def test_two_runs_in_one_workspace_second_refused_via_cli(tmp_path, make_site):
     """Covered in depth by tests/test_flow.py (refusal naming the holder, waiting with
     PIPELINE_LOCK_WAIT, release on SIGKILL); here: two real ingest processes. The first
-    reads a named pipe, so it holds the workspace for as long as the test wants."""
-    fifo = tmp_path / "slow.txt"
-    os.mkfifo(fifo)
-    args = [f"paths.root={tmp_path / 'ws'}", "source=files", f"source.paths=[{corpus},{fifo}]"]
+    crawls a local page that answers only when the test says so, holding the workspace."""
+    import threading
+
+    from tests.test_crawl import page
+
+    release = threading.Event()
+    site = make_site()
+    site.html("/", page("/slow.html"))
+    site.routes["/slow.html"] = lambda h, n: (release.wait(60), (200, {"Content-Type": "text/html"},
+                                                                  page(body="slow").encode()))[1]
+    args = [f"paths.root={tmp_path}", "source=crawl", f"source.seeds=['{site.base}/']",
+            f"source.allow_private=['127.0.0.1:{site.port}']", "source.delay=0", "source.timeout=90"]
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", *args], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        lock = tmp_path / "ws" / ".pipeline.lock"
         deadline = time.monotonic() + 60
-        while not (lock.exists() and f'"pid": {first.pid},' in lock.read_text()):
+        while "/slow.html" not in site.requested():  # it holds the lock and waits on the page
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
             time.sleep(0.01)
         second = subprocess.run([sys.executable, "-m", "pipeline", "ingest", *args], cwd=ROOT, capture_output=True,
@@ -154,9 +161,9 @@ def test_two_runs_in_one_workspace_second_refused_via_cli(tmp_path, corpus):
         assert second.returncode == 2, second.stderr
         assert f"in use by pid {first.pid}" in second.stderr and "stage ingest" in second.stderr
         assert second.stderr.startswith("error: workspace") and second.stderr.count("\n") == 1
-        with open(fifo, "w") as f:  # let the first one finish
-            f.write("the slow document")
+        release.set()  # let the first one finish
         assert first.wait(timeout=60) == 0, first.stderr.read()
     finally:
+        release.set()
         first.kill()
         first.wait()
