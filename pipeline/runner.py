@@ -43,7 +43,7 @@ def run_stage(stage: str, overrides: list[str] | tuple[str, ...] = (), timeout: 
             try:
                 proc = subprocess.run(cmd, env=child_env(cfg.paths.root), timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise PipelineError(f"stage {stage} timed out after {timeout:.0f}s: {shlex.join(cmd)}") from None
+                raise PipelineError(f"stage {stage} timed out after {timeout:g}s: {shlex.join(cmd)}") from None
             if proc.returncode != 0:
                 raise PipelineError(f"stage {stage} failed (exit {proc.returncode}): {shlex.join(cmd)}")
             return read_json(Path(cfg.paths[OUTPUT_PATH_KEY[stage]]) / SUMMARY)

@@ -62,12 +62,23 @@ def test_prefect_yaml_has_a_scheduled_deployment_of_the_flow():
     CronSchedule(cron=dep["schedules"][0]["cron"])  # parses
 
 
-def test_task_timeout_fails_the_flow_with_a_clear_state(prefect_server, clean_corpus):
-    from flows.build import build_model
+def test_task_timeout_fails_the_flow_with_a_clear_state(prefect_server, tmp_path, monkeypatch):
+    """A training task past its timeout is stopped (its subprocess killed), retried, then fails
+    the flow. 0.5 s is less than the child needs to import torch, so it cannot finish first."""
+    import flows.build as fb
 
+    monkeypatch.setattr(fb.stage_task, "retry_delay_seconds", 0)
     with pytest.raises(Exception, match="(?i)timeout|timed out"):
-        build_model(overrides=[f"paths.root={clean_corpus}", "tokenizer.vocab_size=512"], stages=["tokenizer"],
-                    timeouts={"tokenizer": 0.001})
+        fb.build_model(overrides=[f"paths.root={tmp_path}"], stages=["pretrain"], timeouts={"pretrain": 0.5})
+    assert not (tmp_path / "models" / "pretrain").exists()
+
+
+def test_run_stage_kills_a_training_subprocess_past_its_timeout(tmp_path):
+    from pipeline import runner
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"stage pretrain timed out after 0.5s: .* -m pipeline pretrain"):
+        runner.run_stage("pretrain", [f"paths.root={tmp_path}"], timeout=0.5)
 
 
 # ------------------------------------------------------------------ workspace lock
