@@ -466,6 +466,14 @@ def load_custom(path: Path, max_pairs: int = 0, split: str = "train", report: Da
     order; bad records are reported (file and line), counted in `report` and skipped."""
     path = Path(path)
     report = report if report is not None else DataReport()
+    if path.is_file():  # unpickling runs code: a pickle is refused, never parsed or loaded
+        from pipeline.ingest.files import pickle_reason
+
+        with open(path, "rb") as f:
+            why = pickle_reason(path, f.read(8))
+        if why:
+            raise PipelineError(f"finetune.data {path} is {why}: pickled data is never loaded; "
+                                f"give Alpaca/chat JSON(L), Parquet or a saved dataset")
     seen: dict[str, dict] = {}
     for where, rec in _iter_records(path, split, report):
         report.records += 1

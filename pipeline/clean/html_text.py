@@ -76,11 +76,52 @@ class _Lines:
         return _BLANKS.sub("\n\n", text).strip("\n")
 
 
-def parse(html: str):
+def _parse(html: str):
     try:
         return lxml.html.document_fromstring(html)
     except ValueError:  # a str with an XML encoding declaration
         return lxml.html.document_fromstring(html.encode("utf-8", "replace"))
+
+
+# libxml2's HTML parser stops building the tree at nesting depth 256 and silently drops the
+# rest of the page; hostile or broken pages nest that deep. Such a page is parsed again with
+# the tags beyond MAX_DEPTH removed (their text kept), so nothing after the deep block is lost.
+MAX_DEPTH = 200
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\b[^>]*?(/?)>")
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr"}
+
+
+def _depth(root) -> int:
+    depth = deepest = 0
+    for event, _ in etree.iterwalk(root, events=("start", "end")):
+        depth += 1 if event == "start" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def flatten_deep(html: str, limit: int = MAX_DEPTH) -> str:
+    """``html`` without the tags that open (or close) deeper than ``limit``."""
+    depth = 0
+
+    def keep(m: re.Match) -> str:
+        nonlocal depth
+        closing, name, selfclose = m.group(1), m.group(2).lower(), m.group(3)
+        if name in _VOID or selfclose:
+            return m.group(0)
+        if closing:
+            depth = max(0, depth - 1)
+            return m.group(0) if depth < limit else ""
+        depth += 1
+        return m.group(0) if depth <= limit else ""
+
+    return _TAG.sub(keep, html)
+
+
+def parse(html: str):
+    root = _parse(html)
+    if _depth(root) >= 250:
+        root = _parse(flatten_deep(html))
+    return root
 
 
 _LANG_ATTR = re.compile(r"<html\b[^>]*?\blang\s*=\s*[\"']?([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]+)*)", re.IGNORECASE)

@@ -83,9 +83,6 @@ def test_hostile_html_and_text_never_stop_the_clean_stage(tmp_path):
     assert json.loads((tmp_path / "data" / "clean" / "funnel.json").read_text())  # the funnel was written
 
 
-@pytest.mark.xfail(strict=True, reason="bug (pipeline/clean, owner: clean): lxml stops building the tree at nesting "
-                                       "depth ~255, so the text after a deeply nested block is silently lost and the "
-                                       "page is rejected as 'empty', with no reason naming the nesting")
 def test_deeply_nested_html_keeps_its_text_or_says_why(tmp_path):
     from pipeline.clean.html_text import extract
 

@@ -123,8 +123,6 @@ def test_a_pickle_as_fine_tuning_data_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="missing: pipeline/sft_data.py reads a pickle given as finetune.data as JSONL "
-                                       "(counted as bad lines) instead of refusing it as a pickle (owner: fine-tuning)")
 def test_a_pickle_as_fine_tuning_data_is_refused_by_name(tmp_path):
     from pipeline.sft_data import load_custom
 
