@@ -128,7 +128,7 @@ def find_resume(out: Path, fingerprint: str, max_steps: int) -> dict | None:
         if not path.is_file():
             continue
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # a checkpoint cut off mid-write is simply not a candidate
             continue
         hp = ckpt.get("hyper_parameters", {})

@@ -61,8 +61,6 @@ def test_some_torch_load_calls_exist_and_the_loader_is_weights_only():
         in calls
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline/model/trainer.py find_resume() calls torch.load(..., "
-                                       "weights_only=False) on checkpoints in <out>.tmp-<pid> dirs (owner: pretraining)")
 def test_every_torch_load_is_weights_only():
     bad = [c for c in _torch_load_calls() if c[2] != "True"]
     assert not bad, f"torch.load without weights_only=True: {bad}"
@@ -92,8 +90,6 @@ def test_a_malicious_checkpoint_is_refused_by_the_cli(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: pipeline/model/trainer.py find_resume() unpickles a checkpoint left in "
-                                       "a dead run's temp dir with weights_only=False (owner: pretraining)")
 def test_resume_never_unpickles_a_planted_checkpoint(tmp_path):
     from pipeline.model.trainer import find_resume
 
