@@ -8,6 +8,7 @@ for `paths.root` on every worker).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -55,7 +56,10 @@ def _dask_map(fn: Callable[[Any], Any], items: list[Any], executor_cfg) -> list[
         with client:
             return _gather(client, fn, items)
     workers = max(1, min(int(executor_cfg.get("workers", 2) or 1), len(items)))
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # silence_logs: shutdown races (heartbeats to a closed scheduler) log tracebacks that are
+    # noise; a task's own exception still reaches us through gather()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.CRITICAL) as cluster:
         with Client(cluster) as client:
             return _gather(client, fn, items)
 
