@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load
-from pipeline.executor import map_ordered
 from pipeline.errors import PipelineError
+from pipeline.executor import map_ordered
 from tests.conftest import CORPUS_MODULES
 
 pytest.importorskip("dask.distributed", reason="executor=dask needs the [dask] extra (installed by [dev])")
