@@ -7,6 +7,7 @@ and dvc.yaml. The flow holds the workspace lock of `paths.root` from planning to
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -24,16 +25,31 @@ TIMEOUTS = {"ingest": 3 * 3600, "clean": 3 * 3600, "tokenizer": 3600, "shard": 3
             "pretrain": 48 * 3600, "finetune": 24 * 3600, "eval": 3 * 3600}
 
 
+def _publish_report(overrides: list[str], since: float, failed: bool = False) -> None:
+    """The evaluation report as the `evaluation-report` artifact, when this run wrote it; a run
+    stopped by the release gate still publishes its FAILED report, so operators see why."""
+    from pipeline.config import load
+
+    report = Path(load(overrides).paths.reports) / "report.md"
+    if report.is_file() and report.stat().st_mtime >= since:
+        create_markdown_artifact(key="evaluation-report", markdown=report.read_text(),
+                                 description="evaluation report" + (" (the stage failed)" if failed else ""))
+
+
 @task(cache_policy=NO_CACHE, retry_delay_seconds=10)
 def stage_task(stage: str, overrides: list[str], timeout: float | None = None) -> dict:
-    summary = runner.run_stage(stage, overrides, timeout=timeout)
+    started = time.time() - 1
+    try:
+        summary = runner.run_stage(stage, overrides, timeout=timeout)
+    except Exception:
+        if stage == "eval":
+            _publish_report(overrides, started, failed=True)
+        raise
     create_markdown_artifact(
         key=f"{stage}-summary", markdown=runner.summary_markdown(summary), description=f"{stage} stage summary"
     )
-    if stage == "eval" and summary.get("report_md"):
-        report = Path(summary["report_md"])
-        if report.is_file():
-            create_markdown_artifact(key="evaluation-report", markdown=report.read_text(), description="evaluation report")
+    if stage == "eval":
+        _publish_report(overrides, started)
     return {k: v for k, v in summary.items() if k not in ("config", "inputs")}
 
 

@@ -626,3 +626,38 @@ def test_report_in_headless_chromium(eval_root, tmp_path):
     assert gate == "PASSED" and not errors
     assert [u for u in fetched if not u.startswith(("data:", "file:"))] == []
     assert shot.stat().st_size > 20_000  # a real full-page render, not a blank frame
+
+
+# ------------------------------------------------------------------ published by the Prefect flow
+
+
+def test_flow_publishes_the_report_even_when_the_gate_fails(eval_root):
+    """`evaluation-report` artifact on a real (temporary) Prefect server, PASSED then FAILED."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.build import build_model
+
+    root, overrides, _ = eval_root
+
+    async def latest():
+        async with get_client() as client:
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-report"])))
+            return sorted(arts, key=lambda a: a.created)[-1]
+
+    with prefect_test_harness(server_startup_timeout=180):
+        build_model(overrides=overrides, stages=["eval"])
+        art = asyncio.run(latest())
+        assert art.type == "markdown" and "**PASSED**" in art.data and "## Release gate" in art.data
+        rec = json.loads((root / "runs/eval/run-000001.json").read_text())
+        pre = rec["metrics"]["pretrain"]
+        rec["metrics"]["pretrain"] = {**pre, "val_bpb": pre["val_bpb"] * 0.5}
+        (root / "better.json").write_text(json.dumps(rec))
+        with pytest.raises(PipelineError, match="release gate FAILED"):
+            build_model(overrides=overrides + [f"eval.parent={root / 'better.json'}"], stages=["eval"])
+        art = asyncio.run(latest())
+        assert "**FAILED**" in art.data and "stage failed" in art.description
