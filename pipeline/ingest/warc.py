@@ -8,6 +8,8 @@ member) is counted with its file and offset, and reading resumes at the next rec
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,6 +38,9 @@ def _charset(content_type: str) -> str | None:
     return None
 
 
+_BAD_URI_CHAR = re.compile(r"[\x00-\x20\s]")  # whitespace or a control character anywhere
+
+
 def _bad_uri(uri: str, rec_type: str) -> str | None:
     """Why a target URI cannot be a document's URL, or None: it must parse, have a scheme,
     and a response (an HTTP exchange) must be http(s) with a host."""
@@ -44,7 +49,7 @@ def _bad_uri(uri: str, rec_type: str) -> str | None:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as e:
         return f"does not parse ({e})"
-    if not parts.scheme or any(c.isspace() or ord(c) < 32 for c in uri):
+    if not parts.scheme or _BAD_URI_CHAR.search(uri):
         return "is not an absolute URI"
     if rec_type == "response" and (parts.scheme.lower() not in ("http", "https") or not parts.hostname):
         return "is not an http(s) URL with a host"
