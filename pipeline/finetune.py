@@ -28,7 +28,7 @@ from pipeline.artifacts import Timer, sha256_file
 from pipeline.config import config_hash, to_container
 from pipeline.errors import PipelineError
 from pipeline.generate import load_run_tokenizer
-from pipeline.model import CKPT, load_trained
+from pipeline.model import CKPT, load_trained, require_causal_gpt
 from pipeline.model.lightning import LitGPT, RowsDataModule
 from pipeline.model.lora import apply_lora, merged, trainable_params
 from pipeline.model.trainer import cleanup_stale, find_resume, fit, is_rank_zero, output_dir, setup_torch
@@ -62,6 +62,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         raise PipelineError(f"finetune.method={method!r}; expected one of {', '.join(METHODS)}")
     overlong = str(fc.get("overlong", "truncate"))
     base, meta = load_trained(pre_dir)
+    require_causal_gpt(base, pre_dir, "fine-tuning")
     tokenizer = load_run_tokenizer(pre_dir, meta, cfg)
     train_pairs, held_pairs, info = sft_data.build_pairs(cfg)
     block = base.cfg.block_size

@@ -170,10 +170,11 @@ def load_run_tokenizer(run_dir: Path, meta: dict, cfg=None):
 
 def load_run(cfg, which: str = "latest"):
     """(model, tokenizer, meta) of a run."""
-    from pipeline.model import load_trained
+    from pipeline.model import load_trained, require_causal_gpt
 
     run_dir = run_dir_for(cfg, which)
     model, meta = load_trained(run_dir)
+    require_causal_gpt(model, run_dir, "generation")
     return model, load_run_tokenizer(run_dir, meta, cfg), meta
 
 

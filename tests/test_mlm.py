@@ -92,3 +92,24 @@ def test_qk_norm_model_trains_and_is_not_exported(project):
     assert "QK-norm" in summary["hf_export_skipped"]
     model, _ = load_trained(out)
     assert model.cfg.qk_norm and hasattr(model.blocks[0].attn, "q_norm")
+
+
+def test_non_causal_runs_are_refused_downstream_with_a_clear_message(project):
+    """Fine-tuning, generation, eval and serving need a causal GPT: an LSTM or masked-LM run is named."""
+    from pipeline import finetune
+    from pipeline.errors import PipelineError
+    from pipeline.generate import generate_from_run
+    from pipeline.serve import load_model
+
+    root, overrides = project
+    for name, kind_msg in (("mlm", "pretrain.objective=mlm"), ("lstm", "model.kind=lstm")):
+        out = root / "models" / name
+        if not (out / "checkpoints/last.ckpt").is_file():  # this module's earlier tests train them
+            pytest.skip(f"the {name} run of an earlier test is missing")
+        cfg = load([*overrides, f"paths.pretrain={out}", f"paths.finetune={root / 'models' / ('ft-' + name)}"])
+        with pytest.raises(PipelineError, match=f"fine-tuning needs .*{kind_msg}"):
+            finetune.run(cfg)
+        with pytest.raises(PipelineError, match=f"generation needs .*{kind_msg}"):
+            generate_from_run(cfg, "hello", which="pretrain")
+        with pytest.raises(PipelineError, match=f"serving needs .*{kind_msg}"):
+            load_model(load([*overrides, f"serve.model={out}"]))

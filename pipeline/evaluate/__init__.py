@@ -36,9 +36,10 @@ STOP_STRINGS = ("<|end|>", "<|endoftext|>", "<|user|>", "<|system|>")
 
 def _load_model(run_dir: Path):
     """(model in eval mode, meta) from a training run directory."""
-    from pipeline.model import load_trained
+    from pipeline.model import load_trained, require_causal_gpt
 
     model, meta = load_trained(run_dir)
+    require_causal_gpt(model, run_dir, "the evaluation report")
     model.eval()
     return model, meta
 

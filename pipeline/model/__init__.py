@@ -77,4 +77,16 @@ def load_trained(run_dir, device: str | torch.device = "cpu") -> tuple[GPT, dict
     return model, meta
 
 
-__all__ = ["GPT", "GPTConfig", "build_model", "load_trained", "model_state"]
+def require_causal_gpt(model, run_dir, what: str) -> None:
+    """Fine-tuning, generation, serving and the eval report need a causal transformer: an LSTM
+    baseline run or a masked-LM run (`pretrain.objective=mlm`) gets a clear error instead."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, GPTConfig):
+        raise PipelineError(f"{what} needs the transformer, but {run_dir} holds a {type(model).__name__} "
+                            f"(model.kind=lstm): pretrain with model=gpt_tiny (or another GPT config) first")
+    if not cfg.causal:
+        raise PipelineError(f"{what} needs a causal language model, but {run_dir} was trained with "
+                            f"pretrain.objective=mlm (bidirectional): pretrain with pretrain.objective=clm first")
+
+
+__all__ = ["GPT", "GPTConfig", "build_model", "load_trained", "model_state", "require_causal_gpt"]

@@ -17,7 +17,7 @@ def load_model(cfg):
     import torch
 
     from pipeline.generate import WHICH, load_run, load_run_tokenizer
-    from pipeline.model import load_trained
+    from pipeline.model import load_trained, require_causal_gpt
 
     sc = cfg.serve
     want = str(sc.model)
@@ -31,6 +31,7 @@ def load_model(cfg):
         if not run_dir.is_dir():
             raise PipelineError(f"serve.model={want}: expected latest, pretrain, finetune or a run directory")
         model, meta = load_trained(run_dir)
+        require_causal_gpt(model, run_dir, "serving")
         tokenizer = load_run_tokenizer(run_dir, meta, cfg)
     return model.to(device).eval(), tokenizer, meta
 
