@@ -13,7 +13,7 @@ import logging
 import time
 
 from pipeline import ingest
-from tests.test_crawl import crawl_cfg, page, rows_of
+from tests.test_crawl import crawl_cfg, make_site, page, rows_of  # noqa: F401 - make_site is a fixture
 
 
 def drip(handler, n):

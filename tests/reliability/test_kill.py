@@ -29,6 +29,7 @@ import pytest
 from pipeline.artifacts import hash_tree
 from pipeline.config import load
 from tests.conftest import ROOT
+from tests.test_crawl import make_site  # noqa: F401 - a fixture
 
 STAGES = [  # stage, output dir under paths.root, extra overrides
     ("ingest", "data/raw", ["source.rows_per_shard=3"]),
