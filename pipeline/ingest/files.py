@@ -359,17 +359,24 @@ class FilesReader:
                 row += 1
 
 
-def documents(source, ctx) -> Iterator[dict]:
-    """Read every configured file in sorted order; counts and problems go into ``ctx``."""
+def source_files(source, ctx, kind: str, example: str) -> tuple[list[str], list]:
+    """(configured paths, the files they name) for a file-based source; links out of the input
+    roots are refused and counted unless ``source.allow_outside_root``."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_missing(source, "paths") or not source.paths:
-        raise PipelineError("source=files needs source.paths, e.g. source.paths='[/data/corpus]'")
+        raise PipelineError(f"source={kind} needs source.paths, e.g. source.paths='[{example}]'")
     paths = input_paths(source.paths)
     refused: list[str] = []
     files = resolve_files(paths, refused, bool(source.get("allow_outside_root", False)))
     for message in refused:
         ctx.problem("skipped_outside_root", message)
+    return paths, files
+
+
+def documents(source, ctx) -> Iterator[dict]:
+    """Read every configured file in sorted order; counts and problems go into ``ctx``."""
+    paths, files = source_files(source, ctx, "files", "/data/corpus")
     reader = FilesReader(
         ctx, str(source.text_field), list(source.extensions), int(source.max_file_bytes), str(source.get("encoding", "auto")),
         int(source.get("max_doc_bytes", 10_000_000)),

@@ -14,12 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from omegaconf import OmegaConf
 
 from pipeline.artifacts import doc_id
-from pipeline.errors import PipelineError
 from pipeline.ingest.decode import decode_bytes
-from pipeline.ingest.files import input_paths, resolve_files
+from pipeline.ingest.files import source_files
 from pipeline.ingest.warc_io import Damage, iter_records
 
 HTML_TYPES = {"text/html", "application/xhtml+xml"}
@@ -130,13 +128,7 @@ def documents(source, ctx) -> Iterator:
     from pipeline.executor import map_ordered
     from pipeline.ingest import ShardPart
 
-    if OmegaConf.is_missing(source, "paths") or not source.paths:
-        raise PipelineError("source=warc needs source.paths, e.g. source.paths='[/data/cc/*.warc.gz]'")
-    paths = input_paths(source.paths)
-    refused: list[str] = []
-    files = resolve_files(paths, refused, bool(source.get("allow_outside_root", False)))
-    for message in refused:
-        ctx.problem("skipped_outside_root", message)
+    paths, files = source_files(source, ctx, "warc", "/data/cc/*.warc.gz")
     common = {
         "work": str(ctx.work_dir or Path.cwd() / ".warc-work"),
         "content_types": sorted(str(c).lower() for c in source.content_types),
