@@ -56,7 +56,7 @@ def test_masked_lm_trains_a_bidirectional_backbone(project):
 
 def test_lstm_baseline_trains_through_the_same_stage(project):
     summary, out = _run(project, "lstm", "model=lstm", "model.embed_dim=32", "model.hidden=64", "model.block_size=64",
-                        "pretrain.max_steps=30", drop_model_keys=True)
+                        "pretrain.max_steps=30", "pretrain.optimizer=adamw", "pretrain.lr=5e-3", drop_model_keys=True)
     assert summary["model_kind"] == "lstm" and summary["hf_export"] is None and summary["block_size"] == 64
     model, meta = load_trained(out)
     assert type(model).__name__ == "LSTMLM" and meta["kind"] == "lstm" and meta["block_size"] == 64
