@@ -200,7 +200,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-bytes", type=int, default=65536)
     ap.add_argument("--order", default="ours,base", help="which side trains first (alternate between runs)")
+    ap.add_argument("--block", type=int, default=None, help="our context length (default: OURS['block_size'])")
+    ap.add_argument("--batch", type=int, default=None, help="our batch size (default: OURS_TRAIN['batch_size'])")
     args = ap.parse_args()
+    if args.block:
+        OURS["block_size"] = args.block
+    if args.batch:
+        OURS_TRAIN["batch_size"] = args.batch
     torch.set_num_threads(args.threads)
     train, val = corpus()
     print(f"text: {len(train):,} train bytes, {len(val):,} val bytes; budget {args.budget:.0f} s per side, "
