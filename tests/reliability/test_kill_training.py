@@ -23,6 +23,7 @@ from pipeline.config import load
 from pipeline.model import load_trained
 from tests.conftest import ROOT
 from tests.fixtures import make_project
+from tests.reliability.test_kill import start_and_kill
 
 
 @pytest.fixture(scope="module")
@@ -95,28 +96,7 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(project):
     history = sorted((root / "runs" / "eval").glob("*.json"))
     eargs = [*args, *light, f"paths.reports={root}/reports_b"]
     out = root / "reports_b"
-    kill_midway(["eval", *eargs], root, out, after=took / 2)
+    start_and_kill("eval", eargs, root, out, after=took / 2)
     assert not out.exists() and sorted((root / "runs" / "eval").glob("*.json")) == history
     evaluate.run(load(eargs))
     assert (out / "metrics.json").read_text() == (root / "reports_a" / "metrics.json").read_text()
-
-
-def kill_midway(args: list[str], root: Path, out: Path, after: float) -> None:
-    """SIGKILL `python -m pipeline <args>` `after` seconds into the stage (timed from when it
-    holds the workspace lock), or as soon as its temp output dir appears."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    lock, tmp = root / ".pipeline.lock", out.with_name(f"{out.name}.tmp-{proc.pid}")
-    began = None
-    try:
-        while proc.poll() is None:
-            if began is None and lock.exists() and f'"pid": {proc.pid},' in lock.read_text():
-                began = time.monotonic()
-            if tmp.exists() or (began is not None and time.monotonic() - began > after):
-                break
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"{args[0]} finished before it was killed: {err.decode()[-2000:]}"
