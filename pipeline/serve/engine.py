@@ -65,7 +65,6 @@ class Engine:
         self.active: Job | None = None
         self.served = 0
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
         self._worker.start()
 
