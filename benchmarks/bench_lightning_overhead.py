@@ -39,12 +39,13 @@ WARMUP = 3
 class ArrayData(_StepDataModule):
     """The pretraining data path (step-indexed WindowBatches) over in-memory token arrays."""
 
-    def __init__(self, arrays, block_size, batch_size, max_steps):
+    def __init__(self, arrays, block_size, batch_size, max_steps, sampling="epoch", seed=0):
         super().__init__()
         self.arrays, self.block_size, self.batch_size, self.max_steps = arrays, block_size, batch_size, max_steps
+        self.sampling, self.seed = sampling, seed
 
     def _train_dataset(self, rank, world):
-        return WindowBatches(self.arrays, self.block_size, self.batch_size, 0, rank, world)
+        return WindowBatches(self.arrays, self.block_size, self.batch_size, self.seed, rank, world, self.sampling)
 
     def _val_batches(self):
         return []

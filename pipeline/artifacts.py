@@ -7,6 +7,7 @@ it succeeded, so a crash never leaves a half-written output that a later stage w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -121,8 +122,10 @@ def require_dir(path: Path, what: str, stage: str) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """git commit of the checkout when there is one, plus a hash of the package's source."""
+    """git commit of the checkout when there is one, plus a hash of the package's source
+    (once per process: it describes the code this process imported, not later edits)."""
     h = hashlib.sha256()
     for p in sorted(_PKG_DIR.rglob("*.py")):
         h.update(p.read_bytes())
@@ -145,16 +148,25 @@ class Timer:
         return round(time.perf_counter() - self.start, 3)
 
 
-def write_summary(out: Path, stage: str, cfg, inputs: dict[str, Path], timer: Timer, **fields: Any) -> dict:
-    """The stage's `_summary.json`: what ran, on what, with which config, and what came out."""
+def summary_context(cfg, inputs: dict[str, Path]) -> dict:
+    """The parts of a summary fixed before the stage runs (config, input hashes, code
+    version); a stage may compute them on a thread beside its main work."""
     from pipeline.config import config_hash, to_container
 
-    summary = {
-        "stage": stage,
+    return {
         "config": to_container(cfg),
         "config_sha256": config_hash(cfg),
         "inputs": {k: {"path": str(v), "sha256": hash_tree(v)} for k, v in inputs.items()},
         "code_version": code_version(),
+    }
+
+
+def write_summary(out: Path, stage: str, cfg, inputs: dict[str, Path], timer: Timer, *,
+                  context: dict | None = None, **fields: Any) -> dict:
+    """The stage's `_summary.json`: what ran, on what, with which config, and what came out."""
+    summary = {
+        "stage": stage,
+        **(context if context is not None else summary_context(cfg, inputs)),
         "seconds": timer.seconds,
         **fields,
     }

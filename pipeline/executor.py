@@ -9,20 +9,39 @@ for `paths.root` on every worker).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pipeline.errors import PipelineError
 
 
-def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg) -> list[Any]:
+def _in_fresh_process(fn: Callable[[Any], Any], item: Any) -> Any:
+    """Run one item in a newly forked process; a worker that dies (killed, out of memory)
+    is an error naming the item, never a hang."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as one:
+        try:
+            return one.submit(fn, item).result()
+        except BrokenProcessPool as e:
+            raise PipelineError(f"the worker processing {str(item)[:200]} died (killed, or out of memory?)") from e
+
+
+def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg, fresh_workers: bool = False) -> list[Any]:
+    """`fn` over `items`, results in input order. `fresh_workers` (local processes only):
+    every item runs in a newly forked worker, so a stage whose per-item peak is bounded keeps
+    that bound however many items there are; a long-lived worker's peak creeps up with
+    the items it has seen (freed native allocations fragment glibc's heap)."""
     kind = str(executor_cfg.get("kind", "local"))
     items = list(items)
     if kind == "local":
         workers = int(executor_cfg.get("workers", 1) or 1)
         if workers <= 1 or len(items) <= 1:
             return [fn(x) for x in items]
+        if fresh_workers and "fork" in multiprocessing.get_all_start_methods():
+            with ThreadPoolExecutor(max_workers=min(workers, len(items))) as threads:
+                return list(threads.map(lambda x: _in_fresh_process(fn, x), items))
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
             return list(pool.map(fn, items))
     if kind == "dask":

@@ -45,6 +45,7 @@ from pipeline.artifacts import (
     parquet_files,
     require_dir,
     sha256_file,
+    summary_context,
     write_json,
     write_summary,
 )
@@ -460,14 +461,14 @@ def _gpt2_encoder():
         tl.read_file = real
 
 
-def _measure(texts: list[str], ids: list[np.ndarray], gpt2) -> dict:
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+def _measure(texts: list[str], nbytes: list[int], ids: list[np.ndarray], gpt2: list[int] | None) -> dict:
+    total = sum(nbytes)
     ntok = int(sum(len(i) for i in ids))
-    out = {"docs": len(texts), "bytes": nbytes, "tokens": ntok, "bytes_per_token": round(nbytes / max(1, ntok), 4)}
+    out = {"docs": len(texts), "bytes": total, "tokens": ntok, "bytes_per_token": round(total / max(1, ntok), 4)}
     if gpt2 is not None:
-        g = sum(len(x) for x in gpt2.encode_ordinary_batch(texts, num_threads=1))
+        g = sum(gpt2)
         out["gpt2_tokens"] = g
-        out["gpt2_bytes_per_token"] = round(nbytes / max(1, g), 4)
+        out["gpt2_bytes_per_token"] = round(total / max(1, g), 4)
     return out
 
 
@@ -486,55 +487,92 @@ def _val_texts(files: Sequence[Path], val_fraction: float, cap: int) -> list[str
     return texts
 
 
-def compute_stats(tok: Tokenizer, cfg, files) -> dict:
-    """Bytes per token on the validation split, overall and per language, plus checks."""
+def stats_inputs(cfg, files) -> dict:
+    """Everything `stats.json` needs that does not depend on the trained tokenizer: the
+    validation texts (capped), their sizes and languages, the fixed language samples and
+    GPT-2's token counts. `run` computes it on a thread while the trainer (Rust, GIL
+    released) works, so it costs the stage next to nothing."""
+    texts = _val_texts(files, float(cfg.shard.val_fraction), int(cfg.tokenizer.get("stats_max_bytes", 20_000_000)))
+    samples_path = _lang_samples_path()
+    samples = json.loads(samples_path.read_text()) if samples_path is not None else {}
+    gpt2, gpt2_note = _gpt2_encoder()
+    extra = {lang: samples.get(lang) or [] for lang in ("en", "zh")}
+
+    def gpt2_counts(ts: list[str]) -> list[int] | None:
+        return None if gpt2 is None else [len(x) for x in gpt2.encode_ordinary_batch(ts, num_threads=1)]
+
+    return {
+        "texts": texts,
+        "nbytes": [len(t.encode("utf-8")) for t in texts],
+        "languages": [language(t) for t in texts],
+        "gpt2": gpt2_counts(texts),
+        "gpt2_note": gpt2_note,
+        "samples": extra,
+        "samples_name": samples_path.name if samples_path is not None else None,
+        "samples_nbytes": {lang: [len(t.encode("utf-8")) for t in ts] for lang, ts in extra.items()},
+        "samples_gpt2": {lang: gpt2_counts(ts) for lang, ts in extra.items()},
+    }
+
+
+def compute_stats(tok: Tokenizer, cfg, files, inputs: dict | None = None) -> dict:
+    """Bytes per token on the validation split, overall and per language, plus checks:
+    every validation document decodes back to its text, and on a bounded sample (plus the
+    language samples) `tokenizers` ids round-trip and equal the fast encoder's."""
+    inputs = inputs if inputs is not None else stats_inputs(cfg, files)
     fast, why = fast_encoder(tok)
     threads = os.cpu_count() or 1  # training is over: every core is free
     encode = (lambda ts: fast.encode(ts, threads)) if fast is not None else (
         lambda ts: [np.asarray(i) for i in encode_plain(tok, ts)]
     )
-    gpt2, gpt2_note = _gpt2_encoder()
     cap = int(cfg.tokenizer.get("stats_max_bytes", 20_000_000))
-    val_fraction = float(cfg.shard.val_fraction)
-    texts = _val_texts(files, val_fraction, cap)
+    texts, nbytes, gpt2 = inputs["texts"], inputs["nbytes"], inputs["gpt2"]
     ids = encode(texts)
-    stats: dict = {"val": {**_measure(texts, ids, gpt2), "capped_at_bytes": cap}}
+
+    def pick(xs, idx):
+        return None if xs is None else [xs[i] for i in idx]
+
+    stats: dict = {"val": {**_measure(texts, nbytes, ids, gpt2), "capped_at_bytes": cap}}
     by_lang: dict[str, list[int]] = {}
-    for i, t in enumerate(texts):
-        by_lang.setdefault(language(t), []).append(i)
+    for i, lang in enumerate(inputs["languages"]):
+        by_lang.setdefault(lang, []).append(i)
     per_language = {}
     for lang, idx in sorted(by_lang.items()):
-        per_language[lang] = {"source": "validation split", **_measure([texts[i] for i in idx], [ids[i] for i in idx], gpt2)}
-    samples_path = _lang_samples_path()
-    samples = json.loads(samples_path.read_text()) if samples_path is not None else {}
-    checked = list(texts)
-    for lang in ("en", "zh"):
-        extra = samples.get(lang) or []
-        checked += extra
+        per_language[lang] = {"source": "validation split",
+                              **_measure(pick(texts, idx), pick(nbytes, idx), pick(ids, idx), pick(gpt2, idx))}
+    extra_texts: list[str] = []
+    for lang, extra in inputs["samples"].items():
+        extra_texts += extra
         if lang not in per_language and extra:
             per_language[lang] = {
-                "source": f"conf/tokenizer/{samples_path.name} (the validation split has no {lang} document)",
-                **_measure(extra, encode(extra), gpt2),
+                "source": f"conf/tokenizer/{inputs['samples_name']} (the validation split has no {lang} document)",
+                **_measure(extra, inputs["samples_nbytes"][lang], encode(extra), inputs["samples_gpt2"][lang]),
             }
     stats["per_language"] = per_language
     stats["language_rule"] = "by script: zh when Han characters outnumber Latin letters, en when Latin letters are present"
-    stats["gpt2"] = gpt2_note
+    stats["gpt2"] = inputs["gpt2_note"]
     stats["bytes_per_token"] = stats["val"]["bytes_per_token"]
 
-    # round trip with the source of truth, and the fast encoder against it, on a bounded sample
-    check_cap = int(cfg.tokenizer.get("check_bytes", 50_000))
+    # round trip of every validation document (the ids above), then `tokenizers` itself and
+    # the fast encoder against it on a bounded sample (the first `check_chars` of each
+    # validation document, up to `check_bytes`) plus the language samples
+    if fast is not None:
+        bad = sum(fast.decode_bytes(i) != t.encode("utf-8") for i, t in zip(ids, texts))
+    else:
+        bad = sum(d != t for d, t in zip(tok.decode_batch([i.tolist() for i in ids], skip_special_tokens=False), texts))
+    check_cap, check_chars = int(cfg.tokenizer.get("check_bytes", 16_000)), int(cfg.tokenizer.get("check_chars", 2000))
     sample, n = [], 0
     for t in texts:
         if n >= check_cap:
             break
-        sample.append(t)
-        n += len(t.encode("utf-8"))
-    sample += checked[len(texts) :]  # the fixed language samples
+        sample.append(t[:check_chars])
+        n += len(sample[-1].encode("utf-8"))
+    sample += extra_texts
     truth = encode_plain(tok, sample)
-    bad = [i for i, (t, x) in enumerate(zip(sample, truth)) if tok.decode(x, skip_special_tokens=False) != t]
-    stats["roundtrip"] = {"docs": len(sample), "bytes": sum(len(t.encode()) for t in sample), "failures": len(bad)}
+    bad += sum(d != t for d, t in zip(tok.decode_batch(truth, skip_special_tokens=False), sample))
+    checked = len(texts) + len(sample)
+    stats["roundtrip"] = {"docs": checked, "val_docs": len(texts), "sample_pieces": len(sample), "failures": bad}
     if bad:
-        raise PipelineError(f"tokenizer round trip failed on {len(bad)} of {len(sample)} checked documents")
+        raise PipelineError(f"tokenizer round trip failed on {bad} of {checked} checked documents")
     if fast is not None:
         same = sum(np.array_equal(a, np.asarray(b, dtype=np.uint32)) for a, b in zip(fast.encode(sample), truth))
         stats["fast_encoder"] = {
@@ -583,6 +621,7 @@ def run(cfg) -> dict:
     tok, trainer = build(cfg.tokenizer)
     seed, val_fraction = plan["seed"], float(cfg.shard.val_fraction)
     tok.train_from_iterator(train_texts(files, val_fraction, seed, threshold, seen, batched=True), trainer=trainer)
+    prepared, context = stats_inputs(cfg, files), summary_context(cfg, {"clean": clean_dir})
     if seen["docs"] == 0:
         raise PipelineError(f"no training documents in {clean_dir} (all held out or empty)")
     train_seconds = timer.seconds
@@ -593,7 +632,7 @@ def run(cfg) -> dict:
         "train_docs": seen["docs"],
         "train_bytes": seen["bytes"],
         "train_sample": plan,
-        **compute_stats(tok, cfg, files),
+        **compute_stats(tok, cfg, files, prepared),
     }
     out = Path(cfg.paths.tokenizer)
     with atomic_dir(out) as tmp:
@@ -601,7 +640,7 @@ def run(cfg) -> dict:
         write_json(tmp / "tokenizer_config.json", tokenizer_config(tok))
         write_json(tmp / "stats.json", stats)
         summary = write_summary(
-            tmp, "tokenizer", cfg, {"clean": clean_dir}, timer,
+            tmp, "tokenizer", cfg, {"clean": clean_dir}, timer, context=context,
             tokenizer_sha256=sha256_file(tmp / "tokenizer.json"), train_seconds=train_seconds,
             bad_files=plan["bad_files"],
             **{k: v for k, v in stats.items() if k not in ("per_language", "val", "train_sample")},

@@ -97,3 +97,26 @@ def test_dask_map_keeps_order_and_reports_a_missing_scheduler():
 def test_unknown_executor_kind_is_a_clear_error():
     with pytest.raises(PipelineError, match="unknown executor kind 'spark'"):
         map_ordered(_square, [1, 2], {"kind": "spark"})
+
+
+def _pid_and_square(x: int) -> tuple[int, int]:
+    import os
+
+    return os.getpid(), x * x
+
+
+def _die_on_three(x: int) -> int:
+    import os
+    import signal
+
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    return x
+
+
+def test_fresh_workers_run_each_item_in_its_own_process_in_order():
+    out = map_ordered(_pid_and_square, list(range(6)), {"kind": "local", "workers": 2}, fresh_workers=True)
+    assert [sq for _, sq in out] == [x * x for x in range(6)]
+    assert len({pid for pid, _ in out}) == 6  # a new process per item: no memory carried between shards
+    with pytest.raises(PipelineError, match="died"):
+        map_ordered(_die_on_three, list(range(5)), {"kind": "local", "workers": 2}, fresh_workers=True)

@@ -216,6 +216,10 @@ def test_muon_adamw_optimizer_trains_and_round_trips():
     G = torch.randn(24, 40)
     s = torch.linalg.svdvals(newton_schulz(G))
     assert s.min() > 0.5 and s.max() < 1.3  # roughly orthogonal: all singular values near 1
+    stack = torch.randn(3, 40, 24)  # the optimizer runs equally shaped matrices as one batch
+    batched = newton_schulz(stack)
+    for one, many in zip(stack, batched):
+        torch.testing.assert_close(many, newton_schulz(one), rtol=1e-4, atol=1e-5)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MICRO))
     idx = torch.randint(0, 97, (4, 17))

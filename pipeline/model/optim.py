@@ -17,17 +17,20 @@ import torch
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise G (the quintic iteration from modded-nanogpt)."""
+    """Approximately orthogonalise G (the quintic iteration from modded-nanogpt).
+
+    G may be one matrix or a stack of equally shaped matrices ([n, rows, cols]): a stack
+    runs as batched matmuls, so a model's many small matrices cost a few large calls."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.float()
-    tall = X.size(0) > X.size(1)
+    tall = X.size(-2) > X.size(-1)
     if tall:
-        X = X.T
-    X = X / (X.norm() + eps)
+        X = X.mT
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return (X.T if tall else X).to(G.dtype)
+    return (X.mT if tall else X).to(G.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -49,34 +52,51 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, state = p.grad, self.state[p]
-                if group["use_muon"]:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(g)
-                    u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    u = newton_schulz(u, group["ns_steps"])
-                    p.mul_(1 - lr * wd)
-                    p.add_(u, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
-                else:
-                    if "step" not in state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    b1, b2 = group["betas"]
-                    state["step"] += 1
-                    t = float(state["step"])
-                    state["exp_avg"].lerp_(g, 1 - b1)
-                    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
-                    p.mul_(1 - lr * wd)
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
         return loss
+
+    def _adamw_step(self, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        b1, b2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g, state = p.grad, self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            state["exp_avg"].lerp_(g, 1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+            p.mul_(1 - lr * wd)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+
+    def _muon_step(self, group: dict) -> None:
+        """Momentum, then one batched Newton-Schulz per distinct matrix shape, then the update."""
+        lr, wd = group["lr"], group["weight_decay"]
+        by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g, state = p.grad, self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(g)
+            buf = state["momentum_buffer"]
+            buf.mul_(group["momentum"]).add_(g)
+            u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+            by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append((p, u))
+        for (shape, _, _), items in by_shape.items():
+            ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"])
+            scale = -lr * 0.2 * math.sqrt(max(shape))
+            for (p, _), o in zip(items, ortho):
+                p.mul_(1 - lr * wd)
+                p.add_(o, alpha=scale)
 
 
 def build_optimizer(model: torch.nn.Module, kind: str, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
