@@ -3,7 +3,7 @@ text, our best CPU config (trained by our Lightning stack: pipeline.model.traine
 nanoGPT-shaped baseline written as a plain PyTorch loop.
 
 Usage: python benchmarks/bench_quality_per_minute.py [--budget 150] [--threads 2] [--order ours,base]
-       [--model gpt_tiny] [--pretrain cpu] [--block 128] [--batch N] [--seed 0] [--set lr=1e-2 min_lr=1e-3]
+       [--model gpt_tiny] [--pretrain cpu] [--block 128] [--batch N] [--seed 0] [--set KEY=VALUE ...]
 
 Text: pydoc pages of 84 stdlib modules (the kind of text the default pipeline trains on),
 UTF-8 bytes, vocabulary 256; every 10th module is held out for validation. Baseline:
@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="our batch size (default: the conf/pretrain file's)")
     ap.add_argument("--seed", type=int, default=0, help="both sides' init and data order")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override our training settings as `pretrain.KEY=VALUE` would, e.g. lr=1e-2 min_lr=1e-3")
+                    help="override our training settings as `pretrain.KEY=VALUE` would, e.g. lr=2e-2 min_lr=2e-3")
     args = ap.parse_args()
     model_cfg, tc = shipped(args.model, args.pretrain, args.block, args.batch)
     for item in args.set:
