@@ -178,14 +178,14 @@ def train_ours(train: np.ndarray, budget: float, model_cfg: dict, tc: dict, seed
     opt = build_optimizer(probe, tc["optimizer"], tc["lr"], tc["betas"], tc["weight_decay"])
     batches = WindowBatches([train], model_cfg["block_size"], tc["batch_size"], seed)
     times = []
-    for s in range(6):  # the real optimizer; the first two steps (allocation) are not timed
+    for s in range(12):  # the real optimizer; the first four steps (allocation, warm-up) are not timed
         t = time.perf_counter()
         x, y = batches[s]
         F.cross_entropy(probe(x).view(-1, 256), y.view(-1)).backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t)
-    per_step = float(np.median(times[2:])) * 1.10  # + the Lightning loop and data path at ~90 ms steps
+    per_step = float(np.median(times[4:])) * 1.05  # + the Lightning loop and data path at ~90 ms steps
     left = budget - (time.perf_counter() - t0) - 2.0  # - Trainer setup
     total = max(20, int(left / per_step))
     L.seed_everything(seed, verbose=False)
