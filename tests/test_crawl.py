@@ -366,18 +366,14 @@ def test_incremental_rerun_sends_conditional_requests_and_emits_only_changes(tmp
     assert pq.read_table(parquet_files(tmp_path / "data" / "raw")[0]).num_rows == 0
 
 
-def test_killed_crawl_resumes_without_refetching(tmp_path, make_site):
-    site = make_site()
-    fan_site(site, n=24)
-    args = [
-        f"paths.root={tmp_path}", "source=crawl", f"source.seeds=['{site.base}/']",
-        f"source.allow_private=['127.0.0.1:{site.port}']", "source.concurrency=2",
-    ]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", *args, "source.delay=0.12"], cwd=ROOT,
+def kill_crawl_after(site, args: list[str], pages: int) -> None:
+    """Run `pipeline ingest` with `args` in a subprocess and SIGKILL it once the site has
+    served `pages` of its /p pages."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        while sum(p.startswith("/p") for p in site.requested()) < 8:
+        while sum(p.startswith("/p") for p in site.requested()) < pages:
             assert proc.poll() is None and time.monotonic() < deadline, "crawler ended before it could be killed"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
@@ -385,6 +381,16 @@ def test_killed_crawl_resumes_without_refetching(tmp_path, make_site):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_killed_crawl_resumes_without_refetching(tmp_path, make_site):
+    site = make_site()
+    fan_site(site, n=24)
+    args = [
+        f"paths.root={tmp_path}", "source=crawl", f"source.seeds=['{site.base}/']",
+        f"source.allow_private=['127.0.0.1:{site.port}']", "source.concurrency=2",
+    ]
+    kill_crawl_after(site, [*args, "source.delay=0.12"], pages=8)
     db = sqlite3.connect(tmp_path / "data" / "crawl_state" / "state.sqlite")
     done = {r[0] for r in db.execute("SELECT url FROM frontier WHERE status = 'fetched'")}
     db.close()

@@ -58,31 +58,14 @@ def test_gzip_bomb_response_is_capped_after_decoding(tmp_path, make_site):
 def test_a_killed_crawl_never_leaves_a_finished_looking_archive(tmp_path, make_site):
     """SIGKILL mid-crawl: the WARC written so far is `.crawl-run00001.warc.gz.partial`, which a
     `*.warc.gz` replay glob does not match; the resumed run publishes it under its final name."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     from pipeline.config import load
-    from tests.conftest import ROOT
-    from tests.test_crawl import fan_site
+    from tests.test_crawl import fan_site, kill_crawl_after
 
     site = make_site()
     fan_site(site, n=24)
     args = [f"paths.root={tmp_path}", "source=crawl", f"source.seeds=['{site.base}/']",
             f"source.allow_private=['127.0.0.1:{site.port}']"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", *args, "source.delay=0.1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while sum(p.startswith("/p") for p in site.requested()) < 5:
-            assert proc.poll() is None and time.monotonic() < deadline, "crawler ended before it could be killed"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_crawl_after(site, [*args, "source.delay=0.1"], pages=5)
     warc_dir = tmp_path / "data" / "warc" / "crawl"
     assert list(warc_dir.glob("*.warc.gz")) == []
     assert [p.name for p in warc_dir.iterdir()] == [".crawl-run00001.warc.gz.partial"]
