@@ -1,6 +1,6 @@
 """Tokenizer stage time against a bare `tokenizers` BPE trainer on the same sample.
 
-Usage: python benchmarks/bench_tokenizer.py [--root DIR] [--copies N] [--repeat R] [overrides ...]
+Usage: python benchmarks/bench_tokenizer.py [--root DIR] [--copies N] [--repeat R] [--without-stats] [overrides ...]
 
 With no --root, the corpus is the pydoc text of up to 200 standard-library modules (about
 13 MB per copy, see bench_shard.py). The bare trainer gets the stage's exact training sample
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--root")
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--without-stats", action="store_true",
+                    help="also time the stage with its stats.json work stubbed out (what the statistics cost)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root = Path(args.root or tempfile.mkdtemp(prefix="bench-tok-"))
@@ -45,7 +47,7 @@ def main() -> None:
     seen = {"docs": 0, "bytes": 0}
     texts = list(tokenizer.train_texts(files, float(cfg.shard.val_fraction), plan["seed"], threshold, seen))
 
-    bare_times, stage_times = [], []
+    bare_times, stage_times, bare_stage_times = [], [], []
     bare_json = None
     for _ in range(args.repeat):
         tok, trainer = tokenizer.build(cfg.tokenizer)
@@ -56,6 +58,14 @@ def main() -> None:
         t = time.perf_counter()
         summary = tokenizer.run(cfg)
         stage_times.append(time.perf_counter() - t)
+        if args.without_stats:
+            real, tokenizer.compute_stats = tokenizer.compute_stats, lambda *a, **k: {"bytes_per_token": 0.0}
+            try:
+                t = time.perf_counter()
+                tokenizer.run(cfg)
+                bare_stage_times.append(time.perf_counter() - t)
+            finally:
+                tokenizer.compute_stats = real
     stage_json = tokenizer.load(cfg.paths.tokenizer).to_str()
     assert json.loads(stage_json)["model"] == json.loads(bare_json)["model"], "stage and bare trainer disagree"
     bare, stage = min(bare_times), min(stage_times)
@@ -66,6 +76,8 @@ def main() -> None:
     print(f"tokenizer stage        : {stage:6.2f} s  (runs: {', '.join(f'{x:.2f}' for x in stage_times)}; "
           f"training inside it {summary['train_seconds']:.2f} s)")
     print(f"ratio stage / bare     : {stage / bare:.3f}x  (goal <= 1.10x); same merges: yes")
+    if bare_stage_times:
+        print(f"stage without stats.json work: {min(bare_stage_times):6.2f} s, {min(bare_stage_times) / bare:.3f}x bare")
 
 
 if __name__ == "__main__":
