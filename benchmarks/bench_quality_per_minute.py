@@ -240,7 +240,8 @@ def main() -> None:
         key, value = item.split("=", 1)
         if key not in tc:
             raise SystemExit(f"--set {item}: {key} is not one of {', '.join(tc)}")
-        tc[key] = type(tc[key])(value) if not isinstance(tc[key], float) else float(value)
+        tc[key] = OmegaConf.to_container(OmegaConf.create(f"v: {value}"))["v"]  # parsed as the conf file is
+    tc["betas"] = tuple(tc["betas"])
     print(f"ours: {model_cfg} {tc}", flush=True)
     torch.set_num_threads(args.threads)
     train, val = corpus()

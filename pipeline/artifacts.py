@@ -148,25 +148,16 @@ class Timer:
         return round(time.perf_counter() - self.start, 3)
 
 
-def summary_context(cfg, inputs: dict[str, Path]) -> dict:
-    """The parts of a summary fixed before the stage runs (config, input hashes, code
-    version); a stage may compute them on a thread beside its main work."""
+def write_summary(out: Path, stage: str, cfg, inputs: dict[str, Path], timer: Timer, **fields: Any) -> dict:
+    """The stage's `_summary.json`: what ran, on what, with which config, and what came out."""
     from pipeline.config import config_hash, to_container
 
-    return {
+    summary = {
+        "stage": stage,
         "config": to_container(cfg),
         "config_sha256": config_hash(cfg),
         "inputs": {k: {"path": str(v), "sha256": hash_tree(v)} for k, v in inputs.items()},
         "code_version": code_version(),
-    }
-
-
-def write_summary(out: Path, stage: str, cfg, inputs: dict[str, Path], timer: Timer, *,
-                  context: dict | None = None, **fields: Any) -> dict:
-    """The stage's `_summary.json`: what ran, on what, with which config, and what came out."""
-    summary = {
-        "stage": stage,
-        **(context if context is not None else summary_context(cfg, inputs)),
         "seconds": timer.seconds,
         **fields,
     }

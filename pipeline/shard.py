@@ -114,31 +114,16 @@ def _encode_shard(job: dict) -> dict:
         return {"index": job["index"], "parquet": parquet.name, "error": f"{parquet}: {type(e).__name__}: {e}"}
 
 
-_TOOLS: dict = {}
-
-
-def _worker_tools(path: str, encoder: str):
-    """(tokenizer, token byte lengths, FastEncoder or None) for this worker process, built
-    once per tokenizer file and reused by every shard the worker encodes: rebuilding them
-    per shard costs time and leaves freed allocations behind that raise the worker's peak."""
-    key = (str(path), sha256_file(Path(path)), encoder)
-    if key not in _TOOLS:
-        _TOOLS.clear()
-        tok = load_tokenizer(path)
-        fast = None
-        if encoder == "tiktoken":
-            fast, why = fast_encoder(tok)
-            if fast is None:
-                raise PipelineError(f"shard.encoder=tiktoken but the tokenizer does not convert: {why}")
-        _TOOLS[key] = (tok, token_byte_lengths(tok), fast)
-    return _TOOLS[key]
-
-
 def _encode_shard_inner(job: dict) -> dict:
     parquet = Path(job["parquet"])
-    tok, lengths, fast = _worker_tools(job["tokenizer"], job["encoder"])
+    tok = load_tokenizer(job["tokenizer"])
     eot = np.asarray([tok.token_to_id(EOT)], dtype=np.uint32)
-    fallback_start = fast.fallback_docs if fast is not None else 0
+    lengths = token_byte_lengths(tok)
+    fast = None
+    if job["encoder"] == "tiktoken":
+        fast, why = fast_encoder(tok)
+        if fast is None:
+            raise PipelineError(f"shard.encoder=tiktoken but the tokenizer does not convert: {why}")
     dtype = np.dtype(job["dtype"])
     seed, val_fraction, verify_fraction = int(job["seed"]), float(job["val_fraction"]), float(job["verify_fraction"])
     counts = {s: {"tokens": 0, "docs": 0, "bytes": 0} for s in SPLITS}
@@ -214,7 +199,7 @@ def _encode_shard_inner(job: dict) -> dict:
         },
         "bad_docs": bad,
         "verified": verified,
-        "fallback_docs": fast.fallback_docs - fallback_start if fast is not None else 0,
+        "fallback_docs": fast.fallback_docs if fast is not None else 0,
     }
 
 

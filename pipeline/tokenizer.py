@@ -45,7 +45,6 @@ from pipeline.artifacts import (
     parquet_files,
     require_dir,
     sha256_file,
-    summary_context,
     write_json,
     write_summary,
 )
@@ -487,11 +486,10 @@ def _val_texts(files: Sequence[Path], val_fraction: float, cap: int) -> list[str
     return texts
 
 
-def stats_inputs(cfg, files) -> dict:
-    """Everything `stats.json` needs that does not depend on the trained tokenizer: the
-    validation texts (capped), their sizes and languages, the fixed language samples and
-    GPT-2's token counts. `run` computes it on a thread while the trainer (Rust, GIL
-    released) works, so it costs the stage next to nothing."""
+def _stats_inputs(cfg, files) -> dict:
+    """What `stats.json` needs that does not depend on the trained tokenizer: the validation
+    texts (capped), their UTF-8 sizes and languages, the fixed language samples and GPT-2's
+    token counts, each computed once per document (the per-language numbers reuse them)."""
     texts = _val_texts(files, float(cfg.shard.val_fraction), int(cfg.tokenizer.get("stats_max_bytes", 20_000_000)))
     samples_path = _lang_samples_path()
     samples = json.loads(samples_path.read_text()) if samples_path is not None else {}
@@ -514,11 +512,11 @@ def stats_inputs(cfg, files) -> dict:
     }
 
 
-def compute_stats(tok: Tokenizer, cfg, files, inputs: dict | None = None) -> dict:
+def compute_stats(tok: Tokenizer, cfg, files) -> dict:
     """Bytes per token on the validation split, overall and per language, plus checks:
     every validation document decodes back to its text, and on a bounded sample (plus the
     language samples) `tokenizers` ids round-trip and equal the fast encoder's."""
-    inputs = inputs if inputs is not None else stats_inputs(cfg, files)
+    inputs = _stats_inputs(cfg, files)
     fast, why = fast_encoder(tok)
     threads = os.cpu_count() or 1  # training is over: every core is free
     encode = (lambda ts: fast.encode(ts, threads)) if fast is not None else (
@@ -621,7 +619,6 @@ def run(cfg) -> dict:
     tok, trainer = build(cfg.tokenizer)
     seed, val_fraction = plan["seed"], float(cfg.shard.val_fraction)
     tok.train_from_iterator(train_texts(files, val_fraction, seed, threshold, seen, batched=True), trainer=trainer)
-    prepared, context = stats_inputs(cfg, files), summary_context(cfg, {"clean": clean_dir})
     if seen["docs"] == 0:
         raise PipelineError(f"no training documents in {clean_dir} (all held out or empty)")
     train_seconds = timer.seconds
@@ -632,7 +629,7 @@ def run(cfg) -> dict:
         "train_docs": seen["docs"],
         "train_bytes": seen["bytes"],
         "train_sample": plan,
-        **compute_stats(tok, cfg, files, prepared),
+        **compute_stats(tok, cfg, files),
     }
     out = Path(cfg.paths.tokenizer)
     with atomic_dir(out) as tmp:
@@ -640,7 +637,7 @@ def run(cfg) -> dict:
         write_json(tmp / "tokenizer_config.json", tokenizer_config(tok))
         write_json(tmp / "stats.json", stats)
         summary = write_summary(
-            tmp, "tokenizer", cfg, {"clean": clean_dir}, timer, context=context,
+            tmp, "tokenizer", cfg, {"clean": clean_dir}, timer,
             tokenizer_sha256=sha256_file(tmp / "tokenizer.json"), train_seconds=train_seconds,
             bad_files=plan["bad_files"],
             **{k: v for k, v in stats.items() if k not in ("per_language", "val", "train_sample")},
