@@ -5,7 +5,9 @@ rejected with a reason in the funnel; the good documents of the same batch come 
 from __future__ import annotations
 
 import json
-import pydoc
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,9 +49,20 @@ def hostile_rows() -> dict[str, dict]:
     }
 
 
+def pydoc_pages(modules: list[str]) -> dict[str, str]:
+    """pydoc HTML pages rendered with a fixed hash seed, as the pydoc_site source renders them:
+    pydoc prints set-valued module attributes (in `json`, `shutil`) in hash order, and pages
+    that changed from process to process would move documents between the train and
+    validation splits, and so change what decontamination drops, from run to run."""
+    code = ("import json, pydoc, sys; "
+            "print(json.dumps({m: pydoc.html.page(m, pydoc.html.document(__import__(m))) for m in sys.argv[1:]}))")
+    out = subprocess.run([sys.executable, "-c", code, *modules], env={**os.environ, "PYTHONHASHSEED": "0"},
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
 def write_raw(root: Path) -> dict[str, dict]:
-    good = [raw_row(f"pydoc:///{m}.html", html=pydoc.html.page(m, pydoc.html.document(__import__(m))))
-            for m in GOOD]
+    good = [raw_row(f"pydoc:///{m}.html", html=html) for m, html in pydoc_pages(GOOD).items()]
     hostile = hostile_rows()
     rows = [*good[:3], *hostile.values(), *good[3:]]
     out = root / "data" / "raw"
