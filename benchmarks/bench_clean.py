@@ -9,7 +9,7 @@ their words edited, split into 2 input files.
   MinHash dedup (signatures, buckets, cluster, filter; 14 x 8, 5-grams), LocalPipelineExecutor
   with 2 tasks and 2 workers (the buckets stage runs one task per bucket, as in datatrove's
   example, on the same 2 workers);
-* ours: ``pipeline.clean.run`` with GopherRepetition, GopherQuality, C4Quality and the dedup
+* ours: ``pipeline.stages.clean.run`` with GopherRepetition, GopherQuality, C4Quality and the dedup
   settings given (20 x 5 and 14 x 8, min_similarity 0.6 as in conf/clean), ``executor.workers=2``.
 
 Two runs each: dedup alone on the whole input (for MB/s and precision/recall of dropped
@@ -81,7 +81,7 @@ def stdlib_pages(max_bytes: int) -> list[str]:
 
 def distinct(pages: list[str], max_jaccard: float = 0.5) -> list[str]:
     """Drop pages whose exact 5-gram Jaccard with an earlier kept page reaches ``max_jaccard``."""
-    from pipeline.clean.text import dedup_tokens
+    from pipeline.filters.text import dedup_tokens
 
     out, sizes, postings = [], [], {}
     for text in pages:
@@ -228,10 +228,10 @@ def run_ours(
 ) -> dict:
     from omegaconf import OmegaConf, open_dict
 
-    from pipeline import clean
-    from pipeline.artifacts import ShardWriter, iter_rows
-    from pipeline.config import load
-    from pipeline.ingest import RAW_SCHEMA
+    from pipeline.stages import clean
+    from pipeline.core.artifacts import ShardWriter, iter_rows
+    from pipeline.core.config import load
+    from pipeline.sources.raw import RAW_SCHEMA
 
     root = work / f"ours-{'e2e' if filters else 'dedup'}-{bands}x{rows}"
     w = ShardWriter(root / "data" / "raw", RAW_SCHEMA, (len(docs) + 1) // 2)  # 2 input files
@@ -242,7 +242,7 @@ def run_ours(
     cfg = load([f"paths.root={root}", f"executor.workers={workers}", "clean.decontaminate.enabled=false",
                 f"clean.dedup.bands={bands}", f"clean.dedup.rows={rows}", f"clean.dedup.min_similarity={min_sim}",
                 "clean.rows_per_shard=100000"])  # fmt: skip
-    steps = [{"_target_": f"pipeline.clean.steps.{s}"} for s in ("GopherRepetition", "GopherQuality", "C4Quality")]
+    steps = [{"_target_": f"pipeline.filters.steps.{s}"} for s in ("GopherRepetition", "GopherQuality", "C4Quality")]
     with open_dict(cfg):
         cfg.clean.steps = OmegaConf.create(steps if filters else [])
     t = time.perf_counter()
@@ -262,9 +262,9 @@ def profile_report(raw_dir: Path) -> None:
     does) and each filter alone on the extracted text (what it would reject by itself)."""
     from omegaconf import OmegaConf
 
-    from pipeline import clean
-    from pipeline.artifacts import iter_rows
-    from pipeline.config import load
+    from pipeline.stages import clean
+    from pipeline.core.artifacts import iter_rows
+    from pipeline.core.config import load
 
     raws = list(iter_rows(raw_dir))
     for profile in ("docs", "web"):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 
 from pipeline import ingest  # noqa: E402
-from pipeline.config import load  # noqa: E402
+from pipeline.core.config import load  # noqa: E402
 
 
 def build_site(n: int) -> dict[str, bytes]:

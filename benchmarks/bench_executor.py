@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load  # noqa: E402
+from pipeline.core.config import load  # noqa: E402
 
 
 def corpus(dst: Path, n: int) -> int:
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=25)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    from pipeline import clean, ingest, shard, tokenizer
+    from pipeline.stages import clean, ingest, shard, tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -23,16 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load  # noqa: E402
-from pipeline.export import export_hf  # noqa: E402
-from pipeline.generate import generate_ids  # noqa: E402
-from pipeline.model import build_model, load_trained  # noqa: E402
+from pipeline.core.config import load  # noqa: E402
+from pipeline.model.hf import export_hf
+from pipeline.model.sampling import generate_ids
+from pipeline.model.runs import build_model, load_trained  # noqa: E402
 
 
 def tiny_tokenizer(vocab_size: int):
     from omegaconf import OmegaConf
 
-    from pipeline.tokenizer import build
+    from pipeline.tokenize.bpe import build
 
     specials = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     tok, trainer = build(OmegaConf.create({"vocab_size": vocab_size, "min_frequency": 2, "special_tokens": specials}))
@@ -67,7 +67,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     if args.run:
-        from pipeline.generate import load_run_tokenizer
+        from pipeline.model.runs import load_run_tokenizer
 
         model, meta = load_trained(args.run)
         tok = load_run_tokenizer(Path(args.run), meta)

@@ -31,7 +31,7 @@ from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
 from warcio.warcwriter import WARCWriter  # noqa: E402
 
 from pipeline import ingest  # noqa: E402
-from pipeline.config import load  # noqa: E402
+from pipeline.core.config import load  # noqa: E402
 
 WORDS = ("data pipeline model token shard crawl archive record parquet python module function value "
          "error network server client request response header body text html page link").split()
@@ -78,8 +78,8 @@ def bare(paths: list[Path]) -> int:
 
 def reader(paths: list[Path]) -> int:
     """The warc source's reader alone: records to raw rows (decode, content id, provenance), no Parquet."""
-    from pipeline.ingest import IngestContext
-    from pipeline.ingest.warc import read_file
+    from pipeline.sources.raw import IngestContext
+    from pipeline.sources.warc import read_file
 
     ctx = IngestContext("warc", Path("."))
     types = {"text/html", "application/xhtml+xml", "text/plain"}

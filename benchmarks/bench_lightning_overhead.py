@@ -1,4 +1,4 @@
-"""Lightning overhead: median step time of our training step (pipeline.model.trainer.fit,
+"""Lightning overhead: median step time of our training step (pipeline.training.trainer.fit,
 with the shipped callbacks, loggers, progress bar and checkpointing) vs a raw PyTorch loop
 over the same model, optimizer, LR schedule, gradient clipping and batches.
 
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load
-from pipeline.model import build_model
-from pipeline.model.lightning import LitGPT, WindowBatches, _StepDataModule, lr_at
-from pipeline.model.optim import build_optimizer
-from pipeline.model.trainer import fit
+from pipeline.core.config import load
+from pipeline.model.runs import build_model
+from pipeline.training.lightning import LitGPT, WindowBatches, _StepDataModule, lr_at
+from pipeline.training.optim import build_optimizer
+from pipeline.training.trainer import fit
 
 WARMUP = 3
 

@@ -1,5 +1,5 @@
 """Quality per CPU-minute: val bits per byte after the same wall time on the same byte-level
-text, our best CPU config (trained by our Lightning stack: pipeline.model.trainer.fit) vs a
+text, our best CPU config (trained by our Lightning stack: pipeline.training.trainer.fit) vs a
 nanoGPT-shaped baseline written as a plain PyTorch loop.
 
 Usage: python benchmarks/bench_quality_per_minute.py [--budget 150] [--threads 2] [--order ours,base]
@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lightning_overhead import ArrayData
 
-from pipeline.model import build_model
-from pipeline.model.lightning import LitGPT, WindowBatches
-from pipeline.model.trainer import fit
+from pipeline.model.runs import build_model
+from pipeline.training.lightning import LitGPT, WindowBatches
+from pipeline.training.trainer import fit
 
 MODULES = sorted(["abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "code", "codecs", "collections", "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis", "email", "enum", "filecmp", "fnmatch", "fractions", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "http", "inspect", "io", "ipaddress", "itertools", "json", "keyword", "locale", "logging", "mailbox", "math", "mimetypes", "numbers", "operator", "optparse", "os", "pathlib", "pickle", "platform", "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shlex", "shutil", "signal", "socket", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing", "unittest", "urllib", "uuid", "warnings", "weakref", "zipfile"])
 
@@ -170,7 +170,7 @@ def train_baseline(train: np.ndarray, budget: float, seed: int = 0) -> tuple[nn.
 def train_ours(train: np.ndarray, budget: float, model_cfg: dict, tc: dict, seed: int = 0) -> tuple[nn.Module, dict]:
     import lightning as L
 
-    from pipeline.model.optim import build_optimizer
+    from pipeline.training.optim import build_optimizer
 
     t0 = time.perf_counter()  # the calibration counts towards the budget, as for the baseline
     torch.manual_seed(seed)

@@ -35,8 +35,13 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import config, shard, tokenizer
-from pipeline.artifacts import doc_id, iter_rows
+from pipeline.core import config
+
+from pipeline.stages import shard, tokenizer
+from pipeline.core.artifacts import doc_id, iter_rows
+from pipeline.tokenize import bpe
+from pipeline.tokenize import fast as fastenc
+from pipeline.tokenize import shards
 
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"}
 
@@ -70,7 +75,8 @@ _MEASURE = """
 import sys, threading, time
 sys.path.insert(0, %r)
 import psutil
-from pipeline import config, shard
+from pipeline.core import config
+from pipeline.stages import shard
 me, peak, done = psutil.Process(), [0, 0], threading.Event()
 
 def sample():  # current RSS of this process and its workers (ru_maxrss would inherit the parent's)
@@ -121,7 +127,7 @@ def main() -> None:
 def speed(root: Path, cfg, workers: int) -> None:
     texts = [r["text"] for r in iter_rows(root / "data" / "clean", columns=["text"])]
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    tok = tokenizer.load(root / "data" / "tokenizer")
+    tok = bpe.load(root / "data" / "tokenizer")
     t = time.perf_counter()
     summary = shard.run(cfg)
     stage_s = time.perf_counter() - t
@@ -131,14 +137,14 @@ def speed(root: Path, cfg, workers: int) -> None:
     hf = tok.encode_batch(texts, add_special_tokens=False)
     bare_s = time.perf_counter() - t
 
-    fast = tokenizer.FastEncoder(tok)
+    fast = fastenc.FastEncoder(tok)
     t = time.perf_counter()
     tk = fast.enc.encode_ordinary_batch(texts, num_threads=workers)
     tk_s = time.perf_counter() - t
 
     # identical ids: tiktoken (ranks mapped to ids) == tokenizers == what the stage wrote
     assert all(fast.rank_to_id[np.asarray(a, dtype=np.int64)].tolist() == b.ids for a, b in zip(tk, hf)), "tiktoken ids differ"
-    stage_ids = np.concatenate(shard.open_split(root / "data" / "shards", "train") + shard.open_split(root / "data" / "shards", "val"))
+    stage_ids = np.concatenate(shards.open_split(root / "data" / "shards", "train") + shards.open_split(root / "data" / "shards", "val"))
     bare_tokens = sum(len(e.ids) + 1 for e in hf)
     assert len(stage_ids) == bare_tokens, (len(stage_ids), bare_tokens)
     cut = np.flatnonzero(stage_ids == 0)

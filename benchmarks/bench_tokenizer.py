@@ -4,7 +4,7 @@ Usage: python benchmarks/bench_tokenizer.py [--root DIR] [--copies N] [--repeat 
 
 With no --root, the corpus is the pydoc text of up to 200 standard-library modules (about
 13 MB per copy, see bench_shard.py). The bare trainer gets the stage's exact training sample
-as a list already in memory and the same recipe (`tokenizer.build`), so it is the floor;
+as a list already in memory and the same recipe (`bpe.build`), so it is the floor;
 the stage also streams the sample from Parquet (twice: sizes, then text), computes
 stats.json (validation bytes per token overall and per language, round-trip and tiktoken
 checks) and writes its files. Both must produce the same tokenizer.json. Best of --repeat.
@@ -26,7 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_shard import build_corpus
 
-from pipeline import config, tokenizer
+from pipeline.core import config
+
+from pipeline.stages import tokenizer
+from pipeline.tokenize import bpe
+from pipeline.tokenize import sample as tsample
 
 
 def main() -> None:
@@ -43,14 +47,14 @@ def main() -> None:
         build_corpus(root, args.copies)
     cfg = config.load([f"paths.root={root}", *args.overrides])
 
-    files, threshold, plan = tokenizer.training_sample(cfg)
+    files, threshold, plan = tsample.training_sample(cfg)
     seen = {"docs": 0, "bytes": 0}
-    texts = list(tokenizer.train_texts(files, float(cfg.shard.val_fraction), plan["seed"], threshold, seen))
+    texts = list(tsample.train_texts(files, float(cfg.shard.val_fraction), plan["seed"], threshold, seen))
 
     bare_times, stage_times, no_stats_times = [], [], []
     bare_json = None
     for _ in range(args.repeat):
-        tok, trainer = tokenizer.build(cfg.tokenizer)
+        tok, trainer = bpe.build(cfg.tokenizer)
         t = time.perf_counter()
         tok.train_from_iterator(texts, trainer=trainer)
         bare_times.append(time.perf_counter() - t)
@@ -66,7 +70,7 @@ def main() -> None:
                 no_stats_times.append(time.perf_counter() - t)
             finally:
                 tokenizer.compute_stats = real
-    stage_json = tokenizer.load(cfg.paths.tokenizer).to_str()
+    stage_json = bpe.load(cfg.paths.tokenizer).to_str()
     assert json.loads(stage_json)["model"] == json.loads(bare_json)["model"], "stage and bare trainer disagree"
     bare, stage = min(bare_times), min(stage_times)
     mb = seen["bytes"] / 1e6

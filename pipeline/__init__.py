@@ -6,4 +6,3 @@ the CLI (``python -m pipeline``), ``dvc.yaml`` and the Prefect flows all call th
 
 __version__ = "0.1.0"
 
-STAGES = ("ingest", "clean", "tokenizer", "shard", "pretrain", "finetune", "eval")

@@ -38,7 +38,7 @@ def write_clean_corpus(root: Path, modules=CORPUS_MODULES, rows_per_shard: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.artifacts import doc_id
+    from pipeline.core.artifacts import doc_id
 
     out = Path(root) / "data" / "clean"
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import doc_id
+from pipeline.core.artifacts import doc_id
 
 SPECIALS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 MODULES = ("json", "textwrap", "shlex", "fnmatch", "glob", "bisect", "heapq", "colorsys", "base64",
@@ -55,10 +55,10 @@ def val_fraction_for(ids: list[str], n_val: int = 3) -> float:
 
 
 def write_tokenizer(tok_dir: Path, texts: list[str], vocab_size: int = 512):
-    """Train the project's own BPE recipe (pipeline.tokenizer.build) on `texts`."""
+    """Train the project's own BPE recipe (pipeline.tokenize.bpe.build) on `texts`."""
     from omegaconf import OmegaConf
 
-    from pipeline.tokenizer import build
+    from pipeline.tokenize.bpe import build
 
     tok, trainer = build(OmegaConf.create({"vocab_size": vocab_size, "min_frequency": 2, "special_tokens": SPECIALS}))
     tok.train_from_iterator(texts, trainer=trainer)
@@ -72,7 +72,8 @@ def make_project(root: Path, modules=MODULES, vocab_size: int = 512, n_val: int 
     root = Path(root)
     rows = write_clean(root / "data" / "clean", modules)
     fraction = val_fraction_for([r["id"] for r in rows], n_val)
-    from pipeline import config, shard, tokenizer
+    from pipeline.core import config
+    from pipeline.stages import shard, tokenizer
 
     cfg = config.load([f"paths.root={root}", f"shard.val_fraction={fraction}", f"tokenizer.vocab_size={vocab_size}"])
     tokenizer.run(cfg)  # the real stages, so fixtures cannot drift from the data contracts

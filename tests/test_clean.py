@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import clean
-from pipeline.artifacts import ShardWriter, doc_id, parquet_files, read_json
-from pipeline.clean.html_text import html_to_text
-from pipeline.clean.steps import (
+from pipeline.stages import clean
+from pipeline.core.artifacts import ShardWriter, doc_id, parquet_files, read_json
+from pipeline.filters.html_text import html_to_text
+from pipeline.filters.steps import (
     C4Quality,
     GopherQuality,
     HtmlToText,
@@ -23,9 +23,9 @@ from pipeline.clean.steps import (
     TrafilaturaExtract,
     UnicodeNormalize,
 )
-from pipeline.config import load
-from pipeline.errors import PipelineError
-from pipeline.ingest import RAW_SCHEMA
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
+from pipeline.sources.raw import RAW_SCHEMA
 
 PYDOC_SNIPPET = """<!DOCTYPE>
 <html lang="en"><head><title>Pydoc: module json</title><style>body {}</style></head><body>
@@ -182,11 +182,11 @@ def test_c4_quality():
 
 
 def test_build_steps_errors():
-    with pytest.raises(PipelineError, match=r"clean.steps\[0\] \(pipeline.clean.steps.Nope\) could not be built"):
-        clean.build_steps([{"_target_": "pipeline.clean.steps.Nope"}])
+    with pytest.raises(PipelineError, match=r"clean.steps\[0\] \(pipeline.filters.steps.Nope\) could not be built"):
+        clean.build_steps([{"_target_": "pipeline.filters.steps.Nope"}])
     with pytest.raises(PipelineError, match="no _target_"):
         clean.build_steps([{"min_words": 3}])
-    steps = clean.build_steps([{"_target_": "pipeline.clean.steps.HtmlToText", "drop_tags": ["head"]}])
+    steps = clean.build_steps([{"_target_": "pipeline.filters.steps.HtmlToText", "drop_tags": ["head"]}])
     assert steps[0].drop_tags == ["head"] and type(steps[0].drop_tags) is list
 
 

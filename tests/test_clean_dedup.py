@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import clean
-from pipeline.artifacts import ShardWriter, doc_id, iter_rows, read_json
-from pipeline.clean.dedup import DedupParams, Signer, band_links, band_tasks, make_key, write_band_files
-from pipeline.clean.text import dedup_tokens
-from pipeline.config import load
-from pipeline.ingest import RAW_SCHEMA
-from pipeline.splits import is_val
+from pipeline.stages import clean
+from pipeline.core.artifacts import ShardWriter, doc_id, iter_rows, read_json
+from pipeline.dedup.minhash import DedupParams, Signer, band_links, band_tasks, make_key, write_band_files
+from pipeline.filters.text import dedup_tokens
+from pipeline.core.config import load
+from pipeline.sources.raw import RAW_SCHEMA
+from pipeline.core.splits import is_val
 
 MODULES = ["argparse", "collections", "csv", "datetime", "functools", "inspect", "itertools", "json", "logging",
            "pathlib", "random", "re", "shutil", "string", "subprocess", "textwrap", "typing", "os", "enum", "heapq",
@@ -230,7 +230,7 @@ def test_incremental_run_dedups_against_kept_index(planted, tmp_path):
 
 
 def test_decontamination_drops_training_docs_sharing_heldout_ngrams(planted, tmp_path):
-    from pipeline.clean.steps import Normalize
+    from pipeline.filters.steps import Normalize
 
     docs, _ = planted
     base = [Normalize()({"text": t})["text"] for t in docs[:120]]  # so the split is decided on what clean keeps

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.clean.steps import (
+from pipeline.filters.steps import (
     C4Quality,
     FineWebQuality,
     GopherQuality,
@@ -18,7 +18,7 @@ from pipeline.clean.steps import (
     Reject,
     ResiliparseExtract,
 )
-from pipeline.clean.text import cjk_fraction, dedup_tokens, text_hash, token_table, words
+from pipeline.filters.text import cjk_fraction, dedup_tokens, text_hash, token_table, words
 
 EN = (
     "The quick brown fox jumps over the lazy dog near the river bank.\n"
@@ -230,8 +230,8 @@ def test_resiliparse_extract_keeps_title_and_language():
 def test_web_profile_keeps_good_prose(text, tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline import clean
-    from pipeline.config import load
+    from pipeline.stages import clean
+    from pipeline.core.config import load
 
     cfg = load([f"paths.root={tmp_path}", "clean=web"])
     steps = clean.build_steps(

@@ -24,10 +24,10 @@ import httpcore
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
-from pipeline.artifacts import doc_id, parquet_files
-from pipeline.config import load
-from pipeline.ingest.crawler import AddressPolicy, RefusedAddress, _GuardedBackend, retry_after_seconds
+from pipeline.stages import ingest
+from pipeline.core.artifacts import doc_id, parquet_files
+from pipeline.core.config import load
+from pipeline.sources.crawler import AddressPolicy, RefusedAddress, _GuardedBackend, retry_after_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -452,8 +452,8 @@ def test_odd_links_never_stop_the_crawl(tmp_path, make_site):
 
 
 def test_one_crawl_per_state_at_a_time(tmp_path):
-    from pipeline.errors import PipelineError
-    from pipeline.ingest.crawl_state import CrawlState
+    from pipeline.core.errors import PipelineError
+    from pipeline.sources.crawl_state import CrawlState
 
     first = CrawlState(tmp_path / "state.sqlite", "fp")
     with pytest.raises(PipelineError, match="is in use by another crawl"):
@@ -463,8 +463,8 @@ def test_one_crawl_per_state_at_a_time(tmp_path):
 
 
 def test_archive_retention_keeps_the_newest(tmp_path):
-    from pipeline.ingest.crawl import _prune
-    from pipeline.ingest.warc_io import WarcArchive
+    from pipeline.sources.crawl import _prune
+    from pipeline.sources.warc_io import WarcArchive
 
     for stamp in ("20260101T000000000001Z", "20260102T000000000001Z", "20260103T000000000001Z"):
         (tmp_path / f"pydoc_site-{stamp}.warc.gz").write_bytes(b"")

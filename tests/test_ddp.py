@@ -15,8 +15,8 @@ import xxhash
 from conftest import run_cli
 from fixtures import make_project
 
-from pipeline.model.lightning import WindowBatches
-from pipeline.shard import open_split, read_index
+from pipeline.training.lightning import WindowBatches
+from pipeline.tokenize.shards import open_split, read_index
 
 
 def test_two_process_ddp_reads_distinct_data_and_ends_with_identical_weights(tmp_path):

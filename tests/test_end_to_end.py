@@ -54,7 +54,7 @@ def test_pretrained_model_beats_the_ngram_baseline(built):
 
 
 def test_data_artifacts_are_byte_identical_on_rerun(built, tmp_path):
-    from pipeline.artifacts import hash_tree
+    from pipeline.core.artifacts import hash_tree
 
     for stage in ("ingest", "clean", "tokenizer", "shard"):
         proc = run_cli(stage, *overrides(tmp_path, DEFAULT_LIGHT_EVAL))

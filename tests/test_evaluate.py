@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.evaluate import _generate as REAL_GENERATE
-from pipeline.evaluate import _load_model as REAL_LOAD_MODEL
-from pipeline.evaluate import metrics as M
-from pipeline.evaluate import parent as P
-from pipeline.evaluate.ngram import KneserNey, stream_chunks
-from pipeline.evaluate.templates import SECTIONS
+from pipeline.core.errors import PipelineError
+from pipeline.stages.eval import _generate as REAL_GENERATE
+from pipeline.stages.eval import _load_model as REAL_LOAD_MODEL
+from pipeline.evaluation import metrics as M
+from pipeline.evaluation import parent as P
+from pipeline.evaluation.ngram import KneserNey, stream_chunks
+from pipeline.evaluation.templates import SECTIONS
 
 # ------------------------------------------------------------------ Kneser-Ney
 
@@ -224,12 +224,12 @@ def _tiny_model_factory(V: int):
 
 @pytest.fixture
 def eval_root(tmp_path, monkeypatch):
-    """A run directory with every input of the eval stage, and a tiny model in place of pipeline.model."""
+    """A run directory with every input of the eval stage, and a tiny model in place of pipeline.model.runs."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    import pipeline.evaluate as ev
-    from pipeline.artifacts import write_json
+    import pipeline.stages.eval as ev
+    from pipeline.core.artifacts import write_json
 
     root = tmp_path / "run"
     tok_dir = root / "data/tokenizer"
@@ -320,8 +320,8 @@ def _vocab(root: Path) -> dict:
 
 
 def _run(overrides):
-    from pipeline.config import load
-    from pipeline.evaluate import run
+    from pipeline.core.config import load
+    from pipeline.stages.eval import run
 
     cfg = load(overrides)
     return cfg, run(cfg)
@@ -396,7 +396,7 @@ def test_report_from_fixtures(eval_root):
     assert "72 kept" in md and "too_short" in page
     assert "3.2100" in md  # bytes per token from stats.json
     assert "best val loss" in md
-    from pipeline.artifacts import hash_tree
+    from pipeline.core.artifacts import hash_tree
 
     assert hash_tree(root / "models/pretrain") in md and hash_tree(root / "data/shards") in page
     assert summary["config_sha256"] in md
@@ -449,11 +449,11 @@ def test_missing_inputs_name_the_path_and_the_command(eval_root, remove, stage):
 
 def test_stage_with_the_real_transformer(eval_root, monkeypatch):
     """The real GPT through the real `load_trained` and `generate` (checkpoint + meta.json written here)."""
-    model_pkg = pytest.importorskip("pipeline.model", reason="pipeline.model (load_trained) is not written yet")
-    pytest.importorskip("pipeline.generate", reason="pipeline.generate is not written yet")
+    model_pkg = pytest.importorskip("pipeline.model.runs", reason="pipeline.model.runs (load_trained) is not written yet")
+    pytest.importorskip("pipeline.apps.generate", reason="pipeline.apps.generate is not written yet")
     import torch
 
-    import pipeline.evaluate as ev
+    import pipeline.stages.eval as ev
 
     root, overrides, _ = eval_root
     monkeypatch.setattr(ev, "_load_model", REAL_LOAD_MODEL)  # undo the fixture's fakes

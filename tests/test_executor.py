@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load
-from pipeline.errors import PipelineError
-from pipeline.executor import map_ordered
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
+from pipeline.core.executor import map_ordered
 from tests.conftest import CORPUS_MODULES
 
 pytest.importorskip("dask.distributed", reason="executor=dask needs the [dask] extra (installed by [dev])")
@@ -34,7 +34,7 @@ def _summary(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     """A raw corpus of several Parquet shards, written by the real ingest stage."""
-    from pipeline import ingest
+    from pipeline.stages import ingest
 
     base = tmp_path_factory.mktemp("exec")
     corpus = base / "corpus"
@@ -50,7 +50,7 @@ def raw(tmp_path_factory) -> Path:
 
 
 def _run(stage: str, base: Path, root: str, executor: list[str]) -> Path:
-    from pipeline.cli import stage_module
+    from pipeline.apps.runner import stage_module
 
     cfg = load([f"paths.root={base / root}", f"paths.raw={base / 'local' / 'data' / 'raw'}",
                 "shard.val_fraction=0.2", "tokenizer.vocab_size=512", *executor])

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from fixtures import make_project
-from pipeline import cli, pretrain
-from pipeline.config import load
-from pipeline.export import PICKLE_SUFFIXES
-from pipeline.model import load_trained
-from pipeline.tokenizer import load as load_tokenizer
+from pipeline.apps import cli
+from pipeline.stages import pretrain
+from pipeline.core.config import load
+from pipeline.model.hf import PICKLE_SUFFIXES
+from pipeline.model.runs import load_trained
+from pipeline.tokenize.bpe import load as load_tokenizer
 
 FAST = ["pretrain.max_steps=8", "pretrain.val_every=4"]
 
@@ -70,7 +71,7 @@ def test_export_command_writes_a_transformers_dir_with_our_logits(runs, tmp_path
     text = "Serialize obj to a JSON formatted str."
     assert tok(text)["input_ids"] == [ours_tok.token_to_id("<|endoftext|>")] + ours_tok.encode(text).ids
     # its chat template renders the fine-tuning format
-    from pipeline.sft_data import chat_prompt
+    from pipeline.tokenize.special import chat_prompt
 
     msgs = [{"role": "user", "content": "What does json.dumps do?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -95,7 +96,7 @@ def test_text_generation_pipeline_loads_the_export(runs):
     # AutoModelForCausalLM(...).generate, greedy, gives the tokens our own decoder gives
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.generate import generate_ids
+    from pipeline.model.sampling import generate_ids
 
     tok = AutoTokenizer.from_pretrained(path)
     inputs = tok("The json module", return_tensors="pt")
@@ -155,9 +156,9 @@ def test_gpt2_export_with_a_non_gpt2_split_pattern_keeps_our_ids(tmp_path):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     from fixtures import SPECIALS, pydoc_text
-    from pipeline.export import export_hf, splits_like_gpt2
+    from pipeline.model.hf import export_hf, splits_like_gpt2
     from pipeline.model.gpt import GPT, GPTConfig
-    from pipeline.tokenizer import build
+    from pipeline.tokenize.bpe import build
 
     tok, trainer = build(OmegaConf.create({"vocab_size": 300, "min_frequency": 2, "special_tokens": SPECIALS,
                                            "pattern": "gpt4"}))

@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import finetune, pretrain, sft_data
-from pipeline.config import load
-from pipeline.errors import PipelineError
-from pipeline.generate import generate_from_run
-from pipeline.model import load_trained
+from pipeline.stages import finetune, pretrain
+
+from pipeline.training import sft_data
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
+from pipeline.apps.generate import generate_from_run
+from pipeline.model.runs import load_trained
 from fixtures import make_project, write_tokenizer
-from pipeline.model.lightning import RowBatches, collate
-from pipeline.splits import is_val
+from pipeline.training.lightning import RowBatches, collate
+from pipeline.core.splits import is_val
+from pipeline.tokenize import special
 
 # What the clean stage makes of a pydoc HTML page: flat class bodies, indented docstrings.
 FLAT_PAGE = """json (version 2.0.9)
@@ -175,8 +178,8 @@ def test_helpers():
     assert sft_data.module_from_url("http://127.0.0.1:4321/") is None
     assert sft_data.module_from_url("http://127.0.0.1:4321/topic?key=X") is None
     assert sft_data.first_sentence("Do it, e.g. now.  Then more.", 10) == "Do it, e.g. now."
-    assert sft_data.chat_prompt("Q?") == "<|user|>Q?<|end|><|assistant|>"
-    assert sft_data.chat_prompt("Q?", "Be brief.") == "<|system|>Be brief.<|end|><|user|>Q?<|end|><|assistant|>"
+    assert special.chat_prompt("Q?") == "<|user|>Q?<|end|><|assistant|>"
+    assert special.chat_prompt("Q?", "Be brief.") == "<|system|>Be brief.<|end|><|user|>Q?<|end|><|assistant|>"
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +208,7 @@ def test_loss_mask_covers_only_assistant_tokens_token_by_token(tok):
     assert status == "ok"
     want_ids, supervised = _labels_by_hand(tok, conv)
     # the ids are exactly the tokenization of the rendered chat text (what the HF chat template gives)
-    assert ids == want_ids == tok.encode("<|endoftext|>" + sft_data.render_chat(conv), add_special_tokens=False).ids
+    assert ids == want_ids == tok.encode("<|endoftext|>" + special.render_chat(conv), add_special_tokens=False).ids
     role = {tok.token_to_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>")}
     for t, (i, lab, sup) in enumerate(zip(ids, labels, supervised)):
         assert lab == (i if sup else -100), f"token {t} ({tok.id_to_token(i)!r}): label {lab}, supervised={sup}"
@@ -216,7 +219,7 @@ def test_loss_mask_covers_only_assistant_tokens_token_by_token(tok):
     assert [t for t in labels if t != -100] == answers[0] + answers[1]
     # one question: the prompt is what generation sees (chat_prompt), the answer follows
     ids, labels = sft_data.encode_pair(tok, "What does json.dumps do?", "Serialize obj.")
-    prompt = [0] + tok.encode(sft_data.chat_prompt("What does json.dumps do?"), add_special_tokens=False).ids
+    prompt = [0] + tok.encode(special.chat_prompt("What does json.dumps do?"), add_special_tokens=False).ids
     assert ids == prompt + answers[0] and labels == [-100] * len(prompt) + answers[0]
     # batched: targets are the next token, supervised only where the next token is an answer token
     rows = sft_data.pack([sft_data.encode_pair(tok, f"q{i}?", f"answer {i}.") for i in range(5)], max_len=40)
@@ -442,8 +445,8 @@ def test_finetune_on_custom_chat_data_counts_bad_lines(pretrained, tmp_path):
 
 
 def test_lora_finetune_trains_adapters_and_merges_them(pretrained, tmp_path):
-    from pipeline.export import to_hf
-    from pipeline.model import CKPT
+    from pipeline.model.hf import to_hf
+    from pipeline.model.runs import CKPT
 
     root, overrides = pretrained
     out = tmp_path / "lora"

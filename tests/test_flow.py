@@ -42,7 +42,7 @@ def test_flow_runs_stages_and_publishes_summaries(prefect_server, clean_corpus):
 
 def test_flow_rejects_unknown_stage(prefect_server, tmp_path):
     from flows.build import build_model
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="unknown stage"):
         build_model(overrides=[f"paths.root={tmp_path}"], stages=["nope"])
@@ -65,7 +65,7 @@ def test_prefect_yaml_has_a_scheduled_deployment_of_the_flow():
 def test_task_timeout_fails_the_flow_with_a_clear_state(prefect_server, tmp_path, monkeypatch):
     """A training task past its timeout is stopped (its subprocess killed), retried, then fails
     the flow. 0.5 s is less than the child needs to import torch, so it cannot finish first."""
-    import flows.build as fb
+    import pipeline.apps.flow as fb
 
     monkeypatch.setattr(fb.stage_task, "retry_delay_seconds", 0)
     with pytest.raises(Exception, match="(?i)timeout|timed out"):
@@ -74,8 +74,8 @@ def test_task_timeout_fails_the_flow_with_a_clear_state(prefect_server, tmp_path
 
 
 def test_run_stage_kills_a_training_subprocess_past_its_timeout(tmp_path):
-    from pipeline import runner
-    from pipeline.errors import PipelineError
+    from pipeline.apps import runner
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"stage pretrain timed out after 0.5s: .* -m pipeline pretrain"):
         runner.run_stage("pretrain", [f"paths.root={tmp_path}"], timeout=0.5)
@@ -85,7 +85,7 @@ def test_run_stage_kills_a_training_subprocess_past_its_timeout(tmp_path):
 
 HOLD = """
 import sys, time
-from pipeline.lock import workspace_lock
+from pipeline.core.lock import workspace_lock
 with workspace_lock(sys.argv[1], what="test holder"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -141,7 +141,7 @@ def test_a_second_run_waits_for_the_lock_when_asked(clean_corpus):
 
 
 def test_lock_is_reentrant_and_released_when_the_holder_dies(tmp_path):
-    from pipeline.lock import WorkspaceLocked, workspace_lock
+    from pipeline.core.lock import WorkspaceLocked, workspace_lock
 
     with workspace_lock(tmp_path):
         with workspace_lock(tmp_path):  # the flow holds it while its tasks run stages
@@ -159,7 +159,7 @@ def test_lock_is_reentrant_and_released_when_the_holder_dies(tmp_path):
 # ------------------------------------------------------------------ training launchers
 
 def _cfg(*extra):
-    from pipeline.config import load
+    from pipeline.core.config import load
 
     return load(["paths.root=/tmp/x", *extra])
 
@@ -167,12 +167,12 @@ def _cfg(*extra):
 def test_training_runs_as_plain_python_on_one_node():
     import sys
 
-    cmd = __import__("pipeline.runner", fromlist=["x"]).launch_command(_cfg(), "pretrain", ["seed=3"])
+    cmd = __import__("pipeline.apps.runner", fromlist=["x"]).launch_command(_cfg(), "pretrain", ["seed=3"])
     assert cmd == [sys.executable, "-m", "pipeline", "pretrain", "seed=3"]
 
 
 def test_multi_node_training_uses_torchrun_or_srun():
-    from pipeline.runner import launch_command
+    from pipeline.apps.runner import launch_command
 
     cfg = _cfg("pretrain=multi_node", "pretrain.num_nodes=2", "pretrain.devices=4")
     env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "NODE_RANK": "1"}
@@ -193,15 +193,33 @@ def test_multi_node_training_uses_torchrun_or_srun():
 
 
 def test_plan_force_runs_requested_stages_even_when_up_to_date(monkeypatch, tmp_path):
-    from pipeline import runner
+    from pipeline.apps import runner
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".dvc").mkdir()
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     monkeypatch.setattr(runner, "dvc_stale", lambda requested, cwd=None: [])
-    assert runner.plan(["clean", "ingest"], []) == ([], True)
-    assert runner.plan(["clean", "ingest"], [], force=True) == (["ingest", "clean"], True)
-    assert runner.plan(["clean"], ["seed=1"]) == (["clean"], False)
+    monkeypatch.setattr(runner, "dvc_usable", lambda cwd=None: (True, ""))
+    assert runner.plan(["clean", "ingest"], [])[:2] == ([], True)
+    assert runner.plan(["clean", "ingest"], [], force=True)[:2] == (["ingest", "clean"], True)
+    assert runner.plan(["clean"], ["seed=1"])[:2] == (["clean"], False)
+
+
+def test_plan_in_an_exported_tree_runs_every_stage_and_says_why(monkeypatch, tmp_path):
+    """A release tarball or a downloaded zip: .dvc/ and dvc.yaml, but no git for DVC to use."""
+    from pipeline.apps import runner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    todo, record, why = runner.plan(["shard", "clean"], [])
+    assert todo == ["clean", "shard"] and record is False
+    assert "not a git checkout" in why and "every requested stage runs" in why
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    assert runner.dvc_usable() == (True, "")
+    monkeypatch.setattr(runner, "dvc_stale", lambda requested, cwd=None: ["shard"])
+    assert runner.plan(["shard", "clean"], [])[:2] == (["shard"], True)
 
 
 @pytest.mark.slow
@@ -211,8 +229,8 @@ def test_training_stage_launched_through_torchrun(tmp_path):
     import json
     import socket
 
-    from pipeline import runner
-    from pipeline.lock import workspace_lock
+    from pipeline.apps import runner
+    from pipeline.core.lock import workspace_lock
     from tests.fixtures import make_project
 
     overrides = make_project(tmp_path)

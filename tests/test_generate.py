@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from fixtures import make_project, pydoc_text, write_tokenizer
-from pipeline import cli, finetune, pretrain
-from pipeline.config import load
-from pipeline.generate import chat, generate, generate_from_run, generate_ids, load_run, sample_next, stream_text
+from pipeline.apps import cli
+from pipeline.stages import finetune, pretrain
+from pipeline.core.config import load
+from pipeline.apps.generate import chat, generate_from_run
+from pipeline.model.runs import load_run
+from pipeline.model.sampling import generate, generate_ids, sample_next, stream_text
 from pipeline.model.gpt import GPT, GPTConfig
-from pipeline.sft_data import render_chat
+from pipeline.tokenize.special import render_chat
 
 
 @pytest.fixture(scope="module")

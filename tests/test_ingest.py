@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
-from pipeline.artifacts import doc_id, parquet_files, read_json
-from pipeline.config import load
-from pipeline.errors import PipelineError
-from pipeline.ingest.crawler import CrawlConfig, Crawler, extract_links, normalize_url
-from pipeline.ingest.pydoc_site import denier, module_of, pydoc_server
+from pipeline.stages import ingest
+from pipeline.core.artifacts import doc_id, parquet_files, read_json
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
+from pipeline.sources.crawler import CrawlConfig, Crawler, extract_links, normalize_url
+from pipeline.sources.pydoc_site import denier, module_of, pydoc_server
 
 
 def rows_of(root: Path) -> list[dict]:
@@ -351,7 +351,7 @@ def test_files_source_needs_paths(tmp_path):
 
 
 def test_cli_reports_missing_input_on_one_line(tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.apps.cli import main
 
     code = main(["ingest", f"paths.root={tmp_path}", "source=files", f"source.paths=[{q(tmp_path / 'nope')}]"])
     err = capsys.readouterr().err.strip()
@@ -362,7 +362,7 @@ def test_cli_reports_missing_input_on_one_line(tmp_path, capsys):
 def test_pydoc_pages_do_not_carry_the_callers_environment(tmp_path, monkeypatch):
     """cgi.FieldStorage's default is os.environ: the server must not see ours."""
     monkeypatch.setenv("PIPELINE_SECRET_TOKEN", "hunter2-do-not-leak")
-    from pipeline.ingest.pydoc_site import pydoc_server
+    from pipeline.sources.pydoc_site import pydoc_server
 
     import urllib.request
 

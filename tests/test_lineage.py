@@ -9,14 +9,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load
+from pipeline.core.config import load
 from tests.conftest import run_cli
 from tests.fixtures import MICRO, MODULES
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    from pipeline import clean, ingest, pretrain, shard, tokenizer
+    from pipeline.stages import clean, ingest, pretrain, shard, tokenizer
 
     root = tmp_path_factory.mktemp("lineage")
     corpus = root / "corpus"

@@ -12,10 +12,10 @@ import pytest
 import torch
 from fixtures import make_project
 
-from pipeline import pretrain
-from pipeline.config import load
-from pipeline.model import load_trained
-from pipeline.model.lightning import lr_at
+from pipeline.stages import pretrain
+from pipeline.core.config import load
+from pipeline.model.runs import load_trained
+from pipeline.training.lightning import lr_at
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +99,10 @@ def test_qk_norm_model_trains_and_is_not_exported(project):
 
 def test_non_causal_runs_are_refused_downstream_with_a_clear_message(project):
     """Fine-tuning, generation, eval and serving need a causal GPT: an LSTM or masked-LM run is named."""
-    from pipeline import finetune
-    from pipeline.errors import PipelineError
-    from pipeline.generate import generate_from_run
-    from pipeline.serve import load_model
+    from pipeline.stages import finetune
+    from pipeline.core.errors import PipelineError
+    from pipeline.apps.generate import generate_from_run
+    from pipeline.apps.serve.launch import load_model
 
     root, overrides = project
     for name, kind_msg in (("mlm", "pretrain.objective=mlm"), ("lstm", "model.kind=lstm")):

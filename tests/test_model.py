@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.export import to_llama
-from pipeline.generate import generate, generate_ids
-from pipeline.model import build_model
+from pipeline.core.errors import PipelineError
+from pipeline.model.hf import to_llama
+from pipeline.model.sampling import generate, generate_ids
+from pipeline.model.runs import build_model
 from pipeline.model.gpt import GPT, GPTConfig, apply_rope, rotate_half
-from pipeline.model.lightning import (
+from pipeline.training.lightning import (
     StepSampler,
     WindowBatches,
     collate,
@@ -95,7 +95,7 @@ def test_export_to_llama_gives_the_same_logits():
 
 
 def test_build_model_from_config_group():
-    from pipeline.config import load
+    from pipeline.core.config import load
 
     cfg = load([])
     model = build_model(cfg.model, 4096)
@@ -211,7 +211,7 @@ def test_generate_stops_at_stop_tokens(tokenizer):
 
 
 def test_muon_adamw_optimizer_trains_and_round_trips():
-    from pipeline.model.optim import build_optimizer, newton_schulz
+    from pipeline.training.optim import build_optimizer, newton_schulz
 
     G = torch.randn(24, 40)
     s = torch.linalg.svdvals(newton_schulz(G))
@@ -272,7 +272,7 @@ def test_wsd_schedule_warmup_stable_then_linear_decay():
 
 
 def test_adamw_weight_decay_only_on_matrices():
-    from pipeline.model.optim import build_optimizer
+    from pipeline.training.optim import build_optimizer
 
     model = micro(qk_norm=True)
     opt = build_optimizer(model, "adamw", 1e-3, (0.9, 0.95), 0.1)

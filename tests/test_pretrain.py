@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from fixtures import make_project
 
-from pipeline import pretrain
-from pipeline.config import load
-from pipeline.errors import PipelineError
-from pipeline.generate import generate_from_run
-from pipeline.model import load_trained
-from pipeline.model.lightning import ShardDataModule
+from pipeline.stages import pretrain
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
+from pipeline.apps.generate import generate_from_run
+from pipeline.model.runs import load_trained
+from pipeline.training.lightning import ShardDataModule
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,8 @@ def test_load_trained_reproduces_the_logged_val_loss(trained):
             losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item())
     assert sum(losses) / len(losses) == pytest.approx(summary["final_val_loss"], abs=1e-4)
     # bits per byte: the same nats over the UTF-8 bytes of the scored tokens
-    from pipeline.tokenizer import load as load_tokenizer
-    from pipeline.tokenizer import token_byte_lengths
+    from pipeline.tokenize.bpe import load as load_tokenizer
+    from pipeline.tokenize.bpe import token_byte_lengths
 
     lengths = token_byte_lengths(load_tokenizer(Path(cfg.paths.tokenizer)))
     nats = sum(l * y.numel() for l, (_, y) in zip(losses, dm._val_batches()))

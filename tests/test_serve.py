@@ -33,11 +33,11 @@ def _write_model(root: Path) -> None:
     import torch
 
     from fixtures import pydoc_text, write_tokenizer
-    from pipeline.model import build_model
+    from pipeline.model.runs import build_model
 
     tok_dir = root / "data/tokenizer"
     write_tokenizer(tok_dir, [pydoc_text(m) for m in ("json", "textwrap", "shlex", "glob", "heapq")], vocab_size=400)
-    from pipeline.tokenizer import load
+    from pipeline.tokenize.bpe import load
 
     V = load(tok_dir).get_vocab_size()
     torch.manual_seed(3)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
-from pipeline.artifacts import doc_id, parquet_files
-from pipeline.config import load
-from pipeline.errors import PipelineError
+from pipeline.stages import ingest
+from pipeline.core.artifacts import doc_id, parquet_files
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
 
 LATIN = "Les na\u00effs r\u00eavent d'\u00e9t\u00e9s \u00e0 la campagne, o\u00f9 l'on mange des cr\u00eapes. " * 3
 

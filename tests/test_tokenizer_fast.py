@@ -9,7 +9,13 @@ import pytest
 from conftest import write_clean_corpus
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from pipeline import config, tokenizer
+from pipeline.core import config
+
+from pipeline.stages import tokenizer
+from pipeline.tokenize import bpe
+from pipeline.tokenize import fast as fastenc
+from pipeline.tokenize import sample as tsample
+from pipeline.tokenize import stats as tstats
 
 MULTILINGUAL = [
     "json 模块可以把 Python 对象编码为 JSON 文本。列表是一种可变序列，切片会返回新列表。",
@@ -44,10 +50,10 @@ def trained(request, tmp_path_factory):
 
 
 def test_round_trip_and_tiktoken_ids_are_exact(trained):
-    tok = tokenizer.load(trained)
-    fast = tokenizer.FastEncoder(tok)
+    tok = bpe.load(trained)
+    fast = fastenc.FastEncoder(tok)
     texts = MULTILINGUAL + [t * 3 for t in MULTILINGUAL]
-    truth = tokenizer.encode_plain(tok, texts)
+    truth = bpe.encode_plain(tok, texts)
     for text, ids, got in zip(texts, truth, fast.encode(texts)):
         assert tok.decode(ids, skip_special_tokens=False) == text
         assert got.tolist() == ids
@@ -57,9 +63,10 @@ def test_round_trip_and_tiktoken_ids_are_exact(trained):
 
 def test_transformers_loads_the_same_ids_and_chat_format(trained):
     transformers = pytest.importorskip("transformers")
-    from pipeline.sft_data import chat_prompt, encode_pair
+    from pipeline.training.sft_data import encode_pair
+    from pipeline.tokenize.special import chat_prompt
 
-    tok = tokenizer.load(trained)
+    tok = bpe.load(trained)
     by_file = transformers.PreTrainedTokenizerFast(tokenizer_file=str(trained / "tokenizer.json"))
     by_dir = transformers.AutoTokenizer.from_pretrained(str(trained))
     for text in MULTILINGUAL:
@@ -95,39 +102,39 @@ def _toy_bpe(merges: list[tuple[str, str]]) -> Tokenizer:
 def test_unlisted_merge_is_detected_and_reencoded():
     # tiktoken would merge a+bc into "abc" (a token), but the merge list only makes it from ab+c
     tok = _toy_bpe([("b", "c"), ("a", "b"), ("ab", "c")])
-    fast = tokenizer.FastEncoder(tok)
+    fast = fastenc.FastEncoder(tok)
     raw = fast.enc.encode_ordinary("abc")
     assert fast.rank_to_id[raw].tolist() == [tok.token_to_id("abc")]  # what plain tiktoken says
     assert tok.encode("abc").ids == [tok.token_to_id("a"), tok.token_to_id("bc")]  # the truth
     assert fast.unsafe[fast.enc.encode_single_token(b"abc")]
     got = fast.encode(["abc abc", "ab"])
-    assert [g.tolist() for g in got] == tokenizer.encode_plain(tok, ["abc abc", "ab"])
+    assert [g.tolist() for g in got] == bpe.encode_plain(tok, ["abc abc", "ab"])
     assert fast.fallback_docs == 1  # only the document that contained the unsafe token
 
 
 def test_unconvertible_tokenizers_say_why():
     tok = _toy_bpe([("a", "b")])
     tok.normalizer = __import__("tokenizers").normalizers.NFKC()
-    fast, why = tokenizer.fast_encoder(tok)
+    fast, why = fastenc.fast_encoder(tok)
     assert fast is None and "normalizer" in why
     spec = json.loads(_toy_bpe([]).to_str())
     spec["pre_tokenizer"] = {"type": "Whitespace"}
-    fast, why = tokenizer.fast_encoder(Tokenizer.from_str(json.dumps(spec)))
+    fast, why = fastenc.fast_encoder(Tokenizer.from_str(json.dumps(spec)))
     assert fast is None and "pre-tokenizer" in why
-    assert not tokenizer.FastEncoder(_toy_bpe([("a", "b")])).unsafe.any()
+    assert not fastenc.FastEncoder(_toy_bpe([("a", "b")])).unsafe.any()
 
 
 def test_stats_compare_with_gpt2_when_it_loads(trained, monkeypatch):
     """GPT-2's tokenizer is only used from tiktoken's local cache; stand one in to check the numbers."""
     import tiktoken
 
-    stand_in = tiktoken.Encoding("stand-in", pat_str=tokenizer.PATTERNS["gpt2"],
+    stand_in = tiktoken.Encoding("stand-in", pat_str=bpe.PATTERNS["gpt2"],
                                  mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
-    monkeypatch.setattr(tokenizer, "_gpt2_encoder", lambda: (stand_in, "stand-in"))
+    monkeypatch.setattr(tstats, "_gpt2_encoder", lambda: (stand_in, "stand-in"))
     root = trained.parent.parent
     cfg = config.load([f"paths.root={root}", "shard.val_fraction=0.25"])
-    files, _, _ = tokenizer.training_sample(cfg)
-    stats = tokenizer.compute_stats(tokenizer.load(trained), cfg, files)
+    files, _, _ = tsample.training_sample(cfg)
+    stats = tstats.compute_stats(bpe.load(trained), cfg, files)
     assert stats["gpt2"] == "stand-in"
     for part in (stats["val"], *stats["per_language"].values()):
         assert part["gpt2_bytes_per_token"] == pytest.approx(1.0, abs=1e-4)  # bytes only: one token per byte

@@ -12,10 +12,10 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from pipeline import ingest
-from pipeline.artifacts import doc_id, parquet_files
-from pipeline.config import load
-from pipeline.errors import PipelineError
+from pipeline.stages import ingest
+from pipeline.core.artifacts import doc_id, parquet_files
+from pipeline.core.config import load
+from pipeline.core.errors import PipelineError
 
 HTML = "<html><body><p>caf\u00e9 {i}</p></body></html>"
 

@@ -4,7 +4,7 @@ Two architectures share the code, chosen by `GPTConfig.arch`:
 
 - `llama` (default): RMSNorm before each sub-layer, rotary position embeddings in the
   "rotate_half" convention that `transformers` uses, a SwiGLU MLP, no biases. Matching
-  Llama exactly is what lets `pipeline.export` hand the weights to `LlamaForCausalLM`.
+  Llama exactly is what lets `pipeline.apps.export` hand the weights to `LlamaForCausalLM`.
 - `gpt2`: GPT-2's own layout (learned absolute positions, LayerNorm, tanh-GELU MLP,
   biases), so a model exports to `GPT2LMHeadModel` and code written for GPT-2 runs on it.
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from pipeline import clean
-from pipeline.artifacts import doc_id, parquet_files
-from pipeline.config import load
-from pipeline.ingest import RAW_SCHEMA
+from pipeline.stages import clean
+from pipeline.core.artifacts import doc_id, parquet_files
+from pipeline.core.config import load
+from pipeline.sources.raw import RAW_SCHEMA
 
 GOOD = ["json", "re", "pathlib", "textwrap", "csv", "shutil"]
 
@@ -97,7 +96,7 @@ def test_hostile_html_and_text_never_stop_the_clean_stage(tmp_path):
 
 
 def test_deeply_nested_html_keeps_its_text_or_says_why(tmp_path):
-    from pipeline.clean.html_text import extract
+    from pipeline.filters.html_text import extract
 
     para = "<p>The quick brown fox jumps over the lazy dog near the river bank today.</p>"
     html = "<html><body>" + "<div>" * 10_000 + "deep" + "</div>" * 10_000 + para + "</body></html>"

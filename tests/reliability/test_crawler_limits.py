@@ -12,7 +12,7 @@ import gzip
 import logging
 import time
 
-from pipeline import ingest
+from pipeline.stages import ingest
 from tests.test_crawl import crawl_cfg, make_site, page, rows_of  # noqa: F401 - make_site is a fixture
 
 
@@ -36,7 +36,7 @@ def test_slow_drip_body_is_cut_at_the_total_time_cap(tmp_path, make_site, caplog
     site.html("/ok.html", page(body="fine"))
     site.routes["/slow.html"] = drip
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.ingest"):
         summary = ingest.run(crawl_cfg(tmp_path, site, "source.timeout=1", "source.retries=0"))
     assert time.monotonic() - start < 15  # not the 30 s the server would take
     assert summary["statuses"]["error_timeout"] == 1
@@ -58,7 +58,7 @@ def test_gzip_bomb_response_is_capped_after_decoding(tmp_path, make_site):
 def test_a_killed_crawl_never_leaves_a_finished_looking_archive(tmp_path, make_site):
     """SIGKILL mid-crawl: the WARC written so far is `.crawl-run00001.warc.gz.partial`, which a
     `*.warc.gz` replay glob does not match; the resumed run publishes it under its final name."""
-    from pipeline.config import load
+    from pipeline.core.config import load
     from tests.test_crawl import fan_site, kill_crawl_after
 
     site = make_site()

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from pipeline import ingest
-from pipeline.artifacts import parquet_files
-from pipeline.config import load
+from pipeline.stages import ingest
+from pipeline.core.artifacts import parquet_files
+from pipeline.core.config import load
 from tests.conftest import ROOT
 
 MiB = 1 << 20

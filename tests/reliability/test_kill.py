@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import hash_tree
-from pipeline.config import load
+from pipeline.core.artifacts import hash_tree
+from pipeline.core.config import load
 from tests.conftest import ROOT
 from tests.test_crawl import make_site  # noqa: F401 - a fixture
 
@@ -58,7 +58,7 @@ def overrides(root: Path, corpus: Path, extra: list[str]) -> list[str]:
 def run_inprocess(stage: str, args: list[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.cli import stage_module
+    from pipeline.apps.cli import stage_module
 
     GlobalHydra.instance().clear()
     stage_module(stage).run(load(args))
@@ -115,7 +115,7 @@ def test_sigkill_mid_stage_never_leaves_partial_output_and_rerun_is_identical(tm
 def test_a_run_killed_between_its_two_renames_gets_its_previous_output_back(tmp_path):
     """The one instant when `out` is missing (moved to .old-<pid>, temp not yet renamed):
     the next run restores the previous output before it starts."""
-    from pipeline.artifacts import atomic_dir
+    from pipeline.core.artifacts import atomic_dir
 
     out = tmp_path / "data" / "x"
     with atomic_dir(out) as tmp:

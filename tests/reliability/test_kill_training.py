@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import evaluate, finetune, pretrain
-from pipeline.config import load
-from pipeline.model import load_trained
+from pipeline.stages import eval as evaluate, finetune, pretrain
+from pipeline.core.config import load
+from pipeline.model.runs import load_trained
 from tests.conftest import ROOT
 from tests.fixtures import make_project
 from tests.reliability.test_kill import start_and_kill

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from tests.conftest import ROOT
 
 
@@ -57,7 +57,7 @@ def _torch_load_calls() -> list[tuple[str, int, str]]:
 
 def test_some_torch_load_calls_exist_and_the_loader_is_weights_only():
     calls = _torch_load_calls()
-    assert ("pipeline/model/__init__.py", next(c[1] for c in calls if c[0] == "pipeline/model/__init__.py"), "True") \
+    assert ("pipeline/model/runs.py", next(c[1] for c in calls if c[0] == "pipeline/model/runs.py"), "True") \
         in calls
 
 
@@ -67,7 +67,7 @@ def test_every_torch_load_is_weights_only():
 
 
 def test_a_malicious_checkpoint_is_refused_when_loading_a_model(tmp_path):
-    from pipeline.model import load_trained
+    from pipeline.model.runs import load_trained
 
     marker = tmp_path / "pwned"
     run_dir = tmp_path / "models" / "pretrain"
@@ -91,7 +91,7 @@ def test_a_malicious_checkpoint_is_refused_by_the_cli(tmp_path):
 
 
 def test_resume_never_unpickles_a_planted_checkpoint(tmp_path):
-    from pipeline.model.trainer import find_resume
+    from pipeline.training.trainer import find_resume
 
     marker = tmp_path / "pwned"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
@@ -103,7 +103,7 @@ def test_resume_never_unpickles_a_planted_checkpoint(tmp_path):
 
 
 def test_a_pickle_as_fine_tuning_data_runs_nothing(tmp_path):
-    from pipeline.sft_data import DataReport, load_custom
+    from pipeline.training.sft_data import DataReport, load_custom
 
     marker = tmp_path / "pwned"
     for name in ("data.pkl", "data.jsonl", "data.json"):
@@ -120,7 +120,7 @@ def test_a_pickle_as_fine_tuning_data_runs_nothing(tmp_path):
 
 
 def test_a_pickle_as_fine_tuning_data_is_refused_by_name(tmp_path):
-    from pipeline.sft_data import load_custom
+    from pipeline.training.sft_data import load_custom
 
     path = tmp_path / "data.pkl"
     path.write_bytes(pickle.dumps({"instruction": "q", "output": "a"}))

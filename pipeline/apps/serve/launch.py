@@ -1,0 +1,62 @@
+"""`python -m pipeline serve`: the trained model behind an OpenAI-compatible API and a chat page.
+
+Loads the model chosen by ``serve.model`` once, starts one generation worker
+(``engine.Engine``) and serves ``app.create_app`` with uvicorn on ``serve.host:port``
+(loopback by default). Not a pipeline stage: it reads a run directory, writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.errors import PipelineError
+
+
+def load_model(cfg):
+    """(model, tokenizer, meta) for ``serve.model``: latest | pretrain | finetune | a run directory."""
+    import torch
+
+    from pipeline.model.runs import (
+        WHICH,
+        load_run,
+        load_run_tokenizer,
+        load_trained,
+        require_causal_gpt,
+    )
+
+    sc = cfg.serve
+    want = str(sc.model)
+    device = str(sc.get("device", "auto"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if want in WHICH:
+        model, tokenizer, meta = load_run(cfg, want)
+    else:
+        run_dir = Path(want)
+        if not run_dir.is_dir():
+            raise PipelineError(f"serve.model={want}: expected latest, pretrain, finetune or a run directory")
+        model, meta = load_trained(run_dir)
+        require_causal_gpt(model, run_dir, "serving")
+        tokenizer = load_run_tokenizer(run_dir, meta, cfg)
+    return model.to(device).eval(), tokenizer, meta
+
+
+def build_app(cfg):
+    from pipeline.apps.serve.app import create_app
+    from pipeline.apps.serve.engine import Engine
+
+    model, tokenizer, meta = load_model(cfg)
+    engine = Engine(model, tokenizer, meta, max_queue=int(cfg.serve.max_queue))
+    return create_app(engine, cfg.serve, seed=int(cfg.seed)), engine, meta
+
+
+def run(cfg) -> dict:
+    import uvicorn
+
+    app, engine, meta = build_app(cfg)
+    sc = cfg.serve
+    url = f"http://{sc.host}:{int(sc.port)}"
+    print(f"serving {sc.model_name} ({meta.get('stage') or 'model'} from {meta.get('run_dir')}) on {url} "
+          f"- chat page at {url}/, API at {url}/v1", flush=True)
+    uvicorn.run(app, host=str(sc.host), port=int(sc.port), log_level=str(sc.get("log_level", "warning")))
+    return {"served": engine.served}

@@ -1,0 +1,382 @@
+"""Shared training plumbing for the pretrain and finetune stages.
+
+One `fit()` builds the Lightning Trainer from a stage's config (accelerator, devices,
+strategy, precision, max_steps, max_time come straight from YAML, so a GPU or DDP run is
+a config change), trains with a `CSVLogger` and a `ModelCheckpoint`, and leaves the run
+directory in the documented layout. `find_resume()` finds a checkpoint of an interrupted
+run with the same fingerprint (output dir or a leftover temp dir), so a retried stage
+continues where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from pipeline.core.artifacts import atomic_dir, write_json
+from pipeline.model.runs import CKPT, META
+from pipeline.training.lightning import DataDigest, Throughput, flops_per_token
+
+METRIC_COLUMNS = ["step", "train_loss", "val_loss", "lr"]  # Lightning's `epoch` is dropped: training is step-based
+BEST = "checkpoints/best.ckpt"
+TENSORBOARD = "tensorboard"
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """`checkpoints/best.ckpt`: the state with the lowest val_loss so far.
+
+    A killed run resumes from its temp dir into a new one; stock ModelCheckpoint then drops
+    the best score it restored (the dirpath changed), and the first validation after the
+    resume would overwrite a better checkpoint. Paths are re-rooted here instead, so the
+    best score carries over (the old best.ckpt is copied along by `fit`)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def move(p):
+                return os.path.join(self.dirpath, os.path.basename(p)) if p else p
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_model_path": move(state_dict.get("best_model_path")),
+                          "kth_best_model_path": move(state_dict.get("kth_best_model_path")),
+                          "last_model_path": move(state_dict.get("last_model_path")),
+                          "best_k_models": {move(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, before any Trainer exists (launchers set these)."""
+    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0) or 0) == 0 and int(os.environ.get("NODE_RANK", 0) or 0) == 0
+
+
+@contextlib.contextmanager
+def output_dir(out: Path) -> Iterator[Path]:
+    """Rank 0 writes `out` atomically; other DDP ranks get a throwaway dir (they write nothing)."""
+    if is_rank_zero():
+        with atomic_dir(out) as work:
+            yield work
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"{Path(out).name}-rank") as work:
+            yield Path(work)
+
+
+def quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*smaller than the logging interval.*",
+        ".*Experiment logs directory.*",
+        ".*`training_step` returned `None`.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*You called `self.log\\(.*",
+        ".*LeafSpec.*",
+        ".*your dataloader is not resumable.*",  # it is: batches are indexed by global_step
+        ".*The dirpath has changed from.*",  # resuming from another (temp) run directory
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def setup_torch(tc) -> None:
+    threads = int(tc.get("num_threads", 0) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_resume(out: Path, fingerprint: str, max_steps: int) -> dict | None:
+    """The most advanced `last.ckpt` of an unfinished run with this fingerprint, if any.
+
+    Looks in the output dir and in temp dirs left by killed runs (`<out>.tmp-<pid>`, pid dead).
+    """
+    out = Path(out)
+    candidates = [out]
+    for tmp in sorted(out.parent.glob(f"{out.name}.tmp-*")):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            candidates.append(tmp)
+    best = None
+    for run_dir in candidates:
+        path = run_dir / CKPT
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a checkpoint cut off mid-write is simply not a candidate
+            continue
+        hp = ckpt.get("hyper_parameters", {})
+        step = int(ckpt.get("global_step", 0))
+        if hp.get("fingerprint") != fingerprint or not 0 < step < max_steps:
+            continue
+        if best is None or step > best["step"]:
+            best = {"ckpt": path, "step": step, "run_dir": run_dir}
+    return best
+
+
+def cleanup_stale(out: Path) -> None:
+    """Remove temp dirs of dead runs of this stage (after a successful run superseded them)."""
+    out = Path(out)
+    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(rows: list[dict], path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k != "epoch"} for r in rows]
+    keys = {k for r in rows for k in r}
+    cols = [c for c in METRIC_COLUMNS if c in keys or c in ("step", "train_loss", "val_loss")]
+    cols += sorted(keys - set(cols))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv rows with numbers parsed (empty cells dropped)."""
+    out = []
+    for r in _read_csv(path):
+        row = {}
+        for k, v in r.items():
+            if v not in ("", None):
+                try:
+                    row[k] = int(v) if k in ("step", "epoch") else float(v)
+                except ValueError:
+                    row[k] = v
+        out.append(row)
+    return out
+
+
+def _logged_rows(path: Path) -> list[dict]:
+    """Lightning's CSV rows with `step` = optimizer steps completed when the value was measured
+    (train_loss at step s is the loss of the batch that update s+1 then used; val_loss at step s
+    is measured after s updates)."""
+    rows = read_metrics(path)
+    for r in rows:
+        if "val_loss" in r and "train_loss" not in r:
+            r["step"] = r.get("step", -1) + 1
+    return rows
+
+
+def _previous_rows(resume: dict | None) -> list[dict]:
+    """The interrupted run's history up to the step this run took over from."""
+    if not resume:
+        return []
+    run_dir, step = Path(resume["run_dir"]), resume["step"]
+    if (run_dir / "metrics.csv").is_file():  # a finished (e.g. time-capped) output
+        rows = read_metrics(run_dir / "metrics.csv")
+    else:  # a killed run's temp dir: Lightning's log, flushed at every checkpoint
+        rows = _logged_rows(run_dir / "logs" / "metrics.csv")
+    return [r for r in rows if r.get("step", 0) < step or ("val_loss" in r and r.get("step", 0) == step)]
+
+
+def fit(
+    module: L.LightningModule,
+    datamodule,
+    work: Path,
+    tc,
+    *,
+    max_steps: int,
+    resume: dict | None = None,
+    callbacks: tuple = (),
+) -> dict:
+    """Train into `work` (checkpoints/last.ckpt and best.ckpt, metrics.csv, tensorboard/);
+    returns what the summary reports.
+
+    `tc.accumulate` micro-batches of `batch_size` make one optimizer step; steps, validation,
+    logging and checkpoints all count optimizer steps."""
+    quiet_lightning()
+    work = Path(work)
+    val_every = max(1, int(tc.get("val_every", 100)))
+    log_every = max(1, int(tc.get("log_every", 10)))
+    ckpt_every = int(tc.get("ckpt_every", 0) or val_every)
+    accumulate = max(1, int(tc.get("accumulate", 1) or 1))
+    datamodule.accumulate = accumulate
+    has_val = datamodule.has_val()
+    (work / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if resume:  # carry the interrupted run's best checkpoint and TensorBoard events over
+        old = Path(resume["run_dir"])
+        if (old / BEST).is_file() and not (work / BEST).exists():
+            shutil.copyfile(old / BEST, work / BEST)
+        if (old / TENSORBOARD).is_dir() and not (work / TENSORBOARD).exists():
+            shutil.copytree(old / TENSORBOARD, work / TENSORBOARD)
+    tokens_per_step = _tokens_per_batch(datamodule) * accumulate
+    peak = tc.get("peak_flops", None)
+    throughput = Throughput(tokens_per_step, flops_per_token(module.model), float(peak) if peak else None, log_every)
+    digest = DataDigest()
+    datamodule.digest = digest
+    cbs = [
+        ModelCheckpoint(
+            dirpath=work / "checkpoints",
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=ckpt_every,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        ),
+        throughput,
+        *callbacks,
+    ]
+    if has_val:
+        cbs.insert(1, BestCheckpoint(dirpath=work / "checkpoints", filename="best", monitor="val_loss", mode="min",
+                                     save_top_k=1, save_last=False, save_on_train_epoch_end=False,
+                                     enable_version_counter=False, auto_insert_metric_name=False))
+    loggers = [CSVLogger(work / "logs", name="", version="", flush_logs_every_n_steps=ckpt_every)]
+    if bool(tc.get("tensorboard", True)):
+        loggers.append(TensorBoardLogger(work, name=TENSORBOARD, version="", default_hp_metric=False))
+    progress = bool(tc.get("progress_bar", True))
+    if progress:
+        cbs.append(TQDMProgressBar(refresh_rate=log_every))
+    max_time = tc.get("max_time", None)
+    trainer = L.Trainer(
+        accelerator=tc.get("accelerator", "cpu"),
+        devices=tc.get("devices", 1),
+        strategy=tc.get("strategy", "auto"),
+        precision=tc.get("precision", "32-true"),
+        num_nodes=int(tc.get("num_nodes", 1)),
+        max_steps=int(max_steps),
+        max_epochs=-1,
+        max_time=str(max_time) if max_time else None,
+        val_check_interval=val_every * accumulate,  # counted in micro-batches
+        accumulate_grad_batches=accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=float(tc.get("grad_clip", 0.0) or 0.0) or None,
+        log_every_n_steps=log_every,
+        logger=loggers,
+        callbacks=cbs,
+        enable_checkpointing=True,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=work,
+        use_distributed_sampler=False,
+        benchmark=False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume["ckpt"]) if resume else None)
+
+    step = int(trainer.global_step)
+    # validation ran at every multiple of val_every; a run that stopped elsewhere (max_time,
+    # max_steps) gets one more pass, decided the same way on every rank
+    if has_val and step > 0 and step % val_every != 0:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final state's val loss
+    for lg in trainer.loggers:
+        lg.save()
+    rows = _logged_rows(work / "logs" / "metrics.csv")
+    for r in rows:  # `validate` logs one past the last step
+        if "val_loss" in r and r["step"] > step:
+            r["step"] = step
+    trainer.save_checkpoint(work / CKPT)  # the final state, whatever step the run stopped at
+
+    if trainer.is_global_zero:
+        rows = _previous_rows(resume) + rows
+        write_metrics(rows, work / "metrics.csv")
+        shutil.rmtree(work / "logs", ignore_errors=True)
+
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    bpbs = [r["val_bpb"] for r in rows if "val_bpb" in r]
+    trains = [r["train_loss"] for r in rows if "train_loss" in r]
+    world = int(trainer.world_size)
+    best_step = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])["step"] if vals else None
+    ranks = _rank_digests(module, digest, world, weights="fsdp" not in str(tc.get("strategy", "auto")).lower())
+    return {
+        "accumulate": accumulate,
+        "tokens_per_step": tokens_per_step * world,
+        "flops_per_token": flops_per_token(module.model),
+        "mfu": throughput.last.get("mfu"),
+        "best_val_bpb": min(bpbs) if bpbs else None,
+        "final_val_bpb": bpbs[-1] if bpbs else None,
+        "best_step": best_step,
+        "best_ckpt": BEST if (work / BEST).is_file() else None,
+        "ranks": ranks,
+        "steps": step,
+        "steps_this_run": throughput.steps,
+        "train_seconds": round(throughput.train_seconds, 3),
+        "world_size": world,
+        "best_val_loss": min(vals) if vals else None,
+        "final_val_loss": vals[-1] if vals else None,
+        "final_train_loss": sum(trains[-5:]) / len(trains[-5:]) if trains else None,
+        "resumed_from_step": resume["step"] if resume else None,
+        "stopped_early": step < int(max_steps),
+    }
+
+
+def _tokens_per_batch(datamodule) -> int:
+    """Tokens in one micro-batch on one rank (pretraining windows; 0 when rows vary in length)."""
+    block = getattr(datamodule, "block_size", None)
+    return int(block) * int(datamodule.batch_size) if block else 0
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the parameters' bytes in state_dict order (identical weights, identical digest)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rank_digests(module, digest: DataDigest, world: int, weights: bool = True) -> list[dict]:
+    """Per rank: a hash of the token ids it trained on and of its final weights, gathered on
+    every rank. DDP must end with identical weights on every rank from distinct data (FSDP
+    ranks hold different shards, so no weight hash there)."""
+    mine = {"rank": int(module.global_rank), "batches": digest.batches, "data_xxh64": digest.hexdigest(),
+            "weights_sha256": weights_digest(module.model) if weights else None}
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [mine]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return sorted(out, key=lambda r: r["rank"])
+
+
+def write_meta(work: Path, model, stage: str, steps: int, **extra) -> dict:
+    cfg = model.cfg
+    meta = {
+        "stage": stage,
+        "kind": "lstm" if type(model).__name__ == "LSTMLM" else "gpt",
+        "model": cfg.to_dict(),
+        "vocab_size": cfg.vocab_size,
+        "block_size": getattr(cfg, "block_size", None),
+        "params": model.num_params(),
+        "steps": steps,
+        **extra,
+    }
+    write_json(Path(work) / META, meta)
+    return meta
