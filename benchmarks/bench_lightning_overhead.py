@@ -2,7 +2,7 @@
 with the shipped callbacks, loggers, progress bar and checkpointing) vs a raw PyTorch loop
 over the same model, optimizer, LR schedule, gradient clipping and batches.
 
-Usage: python benchmarks/bench_lightning_overhead.py [--model gpt_tiny] [--pretrain cpu]
+Usage: python benchmarks/bench_lightning_overhead.py [--model gpt_tiny] [--pretrain default]
            [--steps 20] [--rounds 3] [--batch-size N] [--block-size N] [--accumulate N]
 
 Both sides run in this process, interleaved (Lightning, raw, Lightning, raw, ...), so load
@@ -104,7 +104,7 @@ def raw_run(model_cfg, pc, vocab, arrays, steps, state) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt_tiny")
-    ap.add_argument("--pretrain", default="cpu")
+    ap.add_argument("--pretrain", default="default")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=0, help="override pretrain.batch_size")

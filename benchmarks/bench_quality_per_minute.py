@@ -3,14 +3,14 @@ text, our best CPU config (trained by our Lightning stack: pipeline.training.tra
 nanoGPT-shaped baseline written as a plain PyTorch loop.
 
 Usage: python benchmarks/bench_quality_per_minute.py [--budget 150] [--threads 2] [--order ours,base]
-       [--model gpt_tiny] [--pretrain cpu] [--block 128] [--batch N] [--seed 0] [--set KEY=VALUE ...]
+       [--model gpt_tiny] [--pretrain default] [--block 128] [--batch N] [--seed 0] [--set KEY=VALUE ...]
 
 Text: pydoc pages of 84 stdlib modules (the kind of text the default pipeline trains on),
 UTF-8 bytes, vocabulary 256; every 10th module is held out for validation. Baseline:
 nanoGPT's shakespeare_char shape scaled as the issue fixes it: 4 layers, 4 heads, 128 dims,
 context 64, batch 12, learned positions, LayerNorm, GELU, AdamW lr 1e-3 (betas 0.9/0.99,
 warmup 100, cosine to 1e-4), uniformly random windows. Ours: the shipped CPU defaults, read
-from conf/model/gpt_tiny.yaml and conf/pretrain/cpu.yaml (RoPE, RMSNorm, SwiGLU, tied
+from conf/model/gpt_tiny.yaml and conf/pretrain/default.yaml (RoPE, RMSNorm, SwiGLU, tied
 embeddings; Muon with its schedule, batch size and sampling), at a context of 128 bytes,
 trained by our Lightning `fit()`. Each side gets `--budget` seconds of training (its
 schedule is sized from a short timed calibration with its own optimizer, and training stops
@@ -52,9 +52,9 @@ TRAIN_KEYS = ("batch_size", "optimizer", "lr", "min_lr", "warmup_steps", "weight
               "schedule", "decay_frac", "sampling")
 
 
-def shipped(model: str = "gpt_tiny", pretrain: str = "cpu", block: int = 128, batch: int | None = None):
+def shipped(model: str = "gpt_tiny", pretrain: str = "default", block: int = 128, batch: int | None = None):
     """Our side's model and training settings, read from the shipped conf files (nothing is
-    tuned here that a user of `pretrain=cpu model=gpt_tiny` would not get), with the context
+    tuned here that a user of `hardware=cpu model=gpt_tiny` would not get), with the context
     set in bytes: the shipped 256 is in BPE tokens (~2.6 bytes each); at one byte per token,
     128 keeps the steps short enough for ~1,500 optimizer steps in 150 s on 2 cores."""
     m = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml"))
@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--val-bytes", type=int, default=65536)
     ap.add_argument("--order", default="ours,base", help="which side trains first (alternate between runs)")
     ap.add_argument("--model", default="gpt_tiny", help="our model: a conf/model file")
-    ap.add_argument("--pretrain", default="cpu", help="our training settings: a conf/pretrain file")
+    ap.add_argument("--pretrain", default="default", help="our training settings: a conf/pretrain file")
     ap.add_argument("--block", type=int, default=128, help="our context length in bytes")
     ap.add_argument("--batch", type=int, default=None, help="our batch size (default: the conf/pretrain file's)")
     ap.add_argument("--seed", type=int, default=0, help="both sides' init and data order")

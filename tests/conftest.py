@@ -109,7 +109,7 @@ def write_tiny_conf(conf: Path) -> None:
 
     group_file = {"source": "source/pydoc_site.yaml", "tokenizer": "tokenizer/bpe.yaml", "model": "model/gpt_tiny.yaml",
                   "clean": "clean/docs.yaml",
-                  "pretrain": "pretrain/cpu.yaml", "finetune": "finetune/default.yaml", "eval": "eval/default.yaml"}
+                  "pretrain": "pretrain/default.yaml", "finetune": "finetune/default.yaml", "eval": "eval/default.yaml"}
     for key, value in TINY.items():
         group, name = key.split(".", 1)
         path = conf / group_file[group]

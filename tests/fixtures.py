@@ -25,8 +25,8 @@ MICRO = [
     "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.mlp_hidden=64", "model.block_size=64",
     "pretrain.max_steps=40", "pretrain.batch_size=8", "pretrain.val_every=10", "pretrain.val_batches=2",
     "pretrain.warmup_steps=5", "pretrain.lr=1e-2", "pretrain.min_lr=1e-3", "pretrain.progress_bar=false",
-    "pretrain.log_every=5", "pretrain.num_threads=0", "pretrain.devices=1", "pretrain.strategy=auto",
-    "pretrain.precision=32-true", "pretrain.accelerator=cpu", "pretrain.max_time=null",
+    "pretrain.log_every=5", "hardware.num_threads=0", "hardware.devices=1", "hardware.strategy=auto",
+    "hardware.precision=32-true", "hardware.accelerator=cpu", "pretrain.max_time=null",
     "finetune.max_steps=12", "finetune.batch_size=4", "finetune.val_every=6", "finetune.log_every=3",
     "finetune.warmup_steps=2", "finetune.val_batches=2",
 ]

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 
 from pipeline.stages import clean
 from pipeline.core.artifacts import ShardWriter, doc_id, parquet_files, read_json
-from pipeline.filters.html_text import html_to_text
 from pipeline.filters.steps import (
     C4Quality,
     GopherQuality,
@@ -21,7 +20,6 @@ from pipeline.filters.steps import (
     RepeatedLines,
     SymbolRatio,
     TrafilaturaExtract,
-    UnicodeNormalize,
 )
 from pipeline.core.config import load
 from pipeline.core.errors import PipelineError
@@ -101,6 +99,9 @@ def test_html_to_text_keeps_pydoc_layout():
 
 
 def test_html_to_text_details():
+    def html_to_text(html: str, drop_tags=()) -> str:
+        return HtmlToText(drop_tags=drop_tags)(html_doc(html))["text"]
+
     assert html_to_text("<p>a  \n  b</p><p>c<br>d</p>") == "a b\n\nc\nd"
     assert html_to_text("<pre>x = 1\n    y = 2\n</pre>tail") == "x = 1\n    y = 2\n\ntail"
     assert html_to_text("<ul><li>one</li><li>two</li></ul>") == "one\ntwo"
@@ -129,13 +130,6 @@ def test_trafilatura_extract():
     assert "quick brown fox" in out["text"] and "About" not in out["text"]
     empty = html_doc("<html><body><script>var a = 1;</script></body></html>")
     assert TrafilaturaExtract()(empty) == Reject("no_main_content")
-
-
-def test_unicode_normalize():
-    assert UnicodeNormalize("NFC")(text_doc("e\u0301"))["text"] == "\u00e9"
-    assert UnicodeNormalize("NFKC")(text_doc("\ufb01"))["text"] == "fi"
-    with pytest.raises(PipelineError):
-        UnicodeNormalize("XYZ")
 
 
 def test_length_filters():

@@ -1,5 +1,5 @@
 """Distributed data parallel for real: two CPU processes (gloo) launched by Lightning from
-`python -m pipeline pretrain pretrain.strategy=ddp pretrain.devices=2`, as a user would.
+`python -m pipeline pretrain hardware.strategy=ddp hardware.devices=2`, as a user would.
 
 The ranks must read distinct windows (each rank's stream is replayed here and its hash
 compared with what the rank itself hashed while training) and must end with identical
@@ -22,7 +22,7 @@ from pipeline.tokenize.shards import open_split, read_index
 def test_two_process_ddp_reads_distinct_data_and_ends_with_identical_weights(tmp_path):
     overrides = make_project(tmp_path)
     steps = 6
-    proc = run_cli("pretrain", *overrides, "pretrain.strategy=ddp", "pretrain.devices=2", "pretrain.accelerator=cpu",
+    proc = run_cli("pretrain", *overrides, "hardware.strategy=ddp", "hardware.devices=2", "hardware.accelerator=cpu",
                    f"pretrain.max_steps={steps}", "pretrain.val_every=3", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "models" / "pretrain"

@@ -34,7 +34,7 @@ def _ran(output: str) -> list[str]:
 # test's). These tests check DVC wiring; every full rebuild costs seconds, not minutes.
 WIRING = {
     "model/gpt_tiny.yaml": {"n_layer": 2, "n_head": 2, "d_model": 32, "mlp_hidden": 64, "block_size": 64},
-    "pretrain/cpu.yaml": {"max_steps": 6, "val_every": 3, "batch_size": 8, "val_batches": 2},
+    "pretrain/default.yaml": {"max_steps": 6, "val_every": 3, "batch_size": 8, "val_batches": 2},
     "finetune/default.yaml": {"max_steps": 4, "val_every": 2, "batch_size": 4, "val_batches": 2},
     "eval/default.yaml": {"max_val_tokens": 3000, "max_heldout_pairs": 2, "max_new_tokens": 4,
                           "lstm.enabled": False, "gate.enabled": False},
@@ -211,3 +211,31 @@ def _items(node):
     elif isinstance(node, list):
         for v in node:
             yield from _items(v)
+
+
+def test_editing_a_module_only_eval_imports_makes_only_eval_stale(repo):
+    """deps are each stage's import closure: a module that only the eval stage imports makes
+    eval stale and nothing before it."""
+    from pipeline.apps import dvc_yaml
+    from pipeline.stages import registry
+
+    _sh([sys.executable, "-m", "dvc", "repro"], repo)  # whatever an earlier test left stale
+    lock = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    earlier = {d for s in registry.NAMES if s != "eval" for d in lock[s]["deps"]}
+    only_eval = [d for d in lock["eval"]["deps"] if d.startswith("pipeline/") and d not in earlier]
+    assert "pipeline/model/sampling.py" in only_eval
+    assert set(lock["eval"]["deps"]) >= {p.relative_to(ROOT).as_posix() for p in dvc_yaml.import_closure("pipeline.stages.eval")}
+    target = repo / "pipeline" / "model" / "sampling.py"
+    before = target.read_text()
+    try:
+        target.write_text(before + "\n# an edit\n")
+        assert sorted(_status(repo)) == ["eval"]
+    finally:
+        target.write_text(before)
+    assert _status(repo) == {}
+
+
+def _status(repo) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout or "{}")

@@ -387,8 +387,8 @@ def test_finetune_run_writes_layout_and_splits_by_document(pretrained):
     for rel in ("checkpoints/last.ckpt", "metrics.csv", "meta.json", "tokenizer.json", "_summary.json",
                 "hf/config.json", "hf/model.safetensors", "sft/train.jsonl", "sft/heldout.jsonl"):
         assert (out / rel).is_file(), rel
-    train = sft_data.read_jsonl(out / "sft" / "train.jsonl")
-    held = sft_data.read_jsonl(out / "sft" / "heldout.jsonl")
+    train = [json.loads(s) for s in (out / "sft" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    held = [json.loads(s) for s in (out / "sft" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
     assert train and held
     assert all(set(p) == {"question", "answer", "doc_id"} for p in train + held)
     frac = cfg.shard.val_fraction
@@ -429,7 +429,7 @@ def test_finetune_on_custom_chat_data_counts_bad_lines(pretrained, tmp_path):
     assert info["kind"] == "file" and info["pairs"] == 40
     assert info["data"]["records"] == 42 and info["data"]["skipped"] == {"bad_json": 1, "unknown_format": 1}
     assert info["data"]["problems"]["bad_json"][0].startswith(f"{data}:11: ")
-    held = sft_data.read_jsonl(tmp_path / "ft" / "sft" / "heldout.jsonl")
+    held = [json.loads(s) for s in (tmp_path / "ft" / "sft" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()]
     assert all(is_val(p["doc_id"], cfg.shard.val_fraction) for p in held)
     # a local Hugging Face dataset (save_to_disk) goes through the same stage
     import datasets

@@ -174,19 +174,19 @@ def test_training_runs_as_plain_python_on_one_node():
 def test_multi_node_training_uses_torchrun_or_srun():
     from pipeline.apps.runner import launch_command
 
-    cfg = _cfg("pretrain=multi_node", "pretrain.num_nodes=2", "pretrain.devices=4")
+    cfg = _cfg("hardware=multi_node", "hardware.num_nodes=2", "hardware.devices=4")
     env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "NODE_RANK": "1"}
-    cmd = launch_command(cfg, "pretrain", ["pretrain=multi_node"], environ=env)
+    cmd = launch_command(cfg, "pretrain", ["hardware=multi_node"], environ=env)
     assert Path(cmd[0]).name == "torchrun"
     assert cmd[1:7] == ["--nnodes=2", "--nproc-per-node=4", "--node-rank=1", "--rdzv-backend=c10d",
                         "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=pipeline-pretrain"]
-    assert cmd[-4:] == ["-m", "pipeline", "pretrain", "pretrain=multi_node"]
+    assert cmd[-4:] == ["-m", "pipeline", "pretrain", "hardware=multi_node"]
     # devices: -1 (the multi_node default) = every GPU of the node
-    assert "--nproc-per-node=gpu" in launch_command(_cfg("pretrain=multi_node"), "pretrain", [], environ={})
+    assert "--nproc-per-node=gpu" in launch_command(_cfg("hardware=multi_node"), "pretrain", [], environ={})
 
-    slurm = launch_command(cfg, "pretrain", ["pretrain=multi_node"], environ={"SLURM_JOB_ID": "7"})
+    slurm = launch_command(cfg, "pretrain", ["hardware=multi_node"], environ={"SLURM_JOB_ID": "7"})
     assert slurm[:3] == ["srun", "--nodes=2", "--ntasks-per-node=4"]
-    assert slurm[-4:] == ["-m", "pipeline", "pretrain", "pretrain=multi_node"]
+    assert slurm[-4:] == ["-m", "pipeline", "pretrain", "hardware=multi_node"]
     forced = launch_command(_cfg("executor.launcher=srun", "executor.srun_args='--gpus-per-node=4'"), "pretrain", [],
                             environ={})
     assert forced[:3] == ["srun", "--nodes=1", "--ntasks-per-node=1"] and "--gpus-per-node=4" in forced

@@ -18,9 +18,9 @@ from pipeline.training.lightning import (
     collate,
     fixed_windows,
     flops_per_token,
-    lr_at,
     mlm_mask,
 )
+from pipeline.training.schedule import lr_at
 
 MICRO = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, d_model=32, mlp_hidden=48, rope_theta=500.0)
 

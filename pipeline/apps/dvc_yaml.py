@@ -40,7 +40,10 @@ _TARGET = re.compile(r"_target_:\s*['\"]?(pipeline(?:\.\w+)+)")
 
 
 def module_file(name: str) -> Path | None:
-    rel = Path(*name.split(".")[1:])
+    parts = name.split(".")[1:]
+    if not parts:
+        return PKG_DIR / "__init__.py"
+    rel = Path(*parts)
     for cand in (PKG_DIR / rel.with_suffix(".py"), PKG_DIR / rel / "__init__.py"):
         if cand.is_file():
             return cand

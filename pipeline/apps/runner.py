@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.artifacts import SUMMARY, read_json
-from pipeline.core.config import load
+from pipeline.core.config import load, train_settings
 from pipeline.core.errors import PipelineError
 from pipeline.core.lock import child_env, workspace_lock
 from pipeline.stages import registry
@@ -60,7 +60,7 @@ def launch_command(cfg, stage: str, overrides: list[str], environ: dict | None =
     never the Prefect worker process itself.
     """
     environ = os.environ if environ is None else environ
-    tc = cfg.get(stage) or {}
+    tc = train_settings(cfg, stage)
     ex = cfg.get("executor") or {}
     nodes = int(tc.get("num_nodes", 1) or 1)
     launcher = str(ex.get("launcher", "auto") or "auto")

@@ -64,3 +64,15 @@ def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> 
         data = {k: data.get(k) for k in keys}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def train_settings(cfg: DictConfig, stage: str) -> dict:
+    """A training stage's recipe (`cfg.<stage>`) with the machine's settings (`cfg.hardware`)
+    beside it: one flat dict for the Trainer, the launcher and the run fingerprint."""
+    hardware = to_container(cfg.hardware) if cfg.get("hardware") is not None else {}
+    recipe = to_container(cfg[stage])
+    clash = sorted(set(hardware) & set(recipe))
+    if clash:
+        raise PipelineError(f"{stage} sets {', '.join(clash)}, which belong to the hardware group: "
+                            f"use hardware.{clash[0]}=... instead of {stage}.{clash[0]}=...")
+    return {**hardware, **recipe}

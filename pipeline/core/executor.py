@@ -1,4 +1,4 @@
-"""Fan-out over shards: local processes by default, Dask or Ray when configured.
+"""Fan-out over shards: local processes by default, Dask when configured.
 
 Results come back in input order whatever the backend, so outputs are deterministic: each
 task writes its own piece under the stage's temp dir and returns a small summary, and the
@@ -46,15 +46,7 @@ def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg, fr
             return list(pool.map(fn, items))
     if kind == "dask":
         return _dask_map(fn, items, executor_cfg)
-    if kind == "ray":
-        try:
-            import ray
-        except ImportError as e:  # pragma: no cover - optional extra
-            raise PipelineError("executor=ray needs `pip install 'pipeline[ray]'`") from e
-        ray.init(address=executor_cfg.get("address"), ignore_reinit_error=True)
-        remote = ray.remote(fn)
-        return ray.get([remote.remote(x) for x in items])
-    raise PipelineError(f"unknown executor kind {kind!r} (expected local, dask or ray)")
+    raise PipelineError(f"unknown executor kind {kind!r} (expected local or dask)")
 
 
 def _dask_map(fn: Callable[[Any], Any], items: list[Any], executor_cfg) -> list[Any]:

@@ -9,12 +9,12 @@ one batch), seeded from ``cfg.seed``: the same inputs give the same baseline eve
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.training.schedule import lr_at
 
 
 def _windows(arrays: list[np.ndarray], rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
@@ -53,11 +53,7 @@ def train_lstm(train: list[np.ndarray], vocab_size: int, lc, seed: int, progress
     t0 = time.perf_counter()
     losses = []
     for step in range(steps):
-        if step < warmup:
-            lr = base_lr * (step + 1) / warmup
-        else:
-            frac = (step - warmup) / max(1, steps - warmup)
-            lr = min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * frac))
+        lr = lr_at(step, base_lr, min_lr, warmup, steps)
         for group in opt.param_groups:
             group["lr"] = lr
         xy = torch.from_numpy(_windows(train, rng, batch, length))

@@ -175,13 +175,6 @@ class KneserNey:
             p = np.where(use, new, p)
         return p
 
-    def prob_next(self, context: list[int] | np.ndarray) -> np.ndarray:
-        """The whole next-token distribution after ``context`` (shorter contexts back off)."""
-        ctx = list(context)[-(self.order - 1) :] if self.order > 1 else []
-        row = [-1] * (self.order - 1 - len(ctx)) + [int(t) for t in ctx]
-        V = self.vocab_size
-        return self.prob(np.tile(np.array(row, np.int64), (V, 1)), np.arange(V))
-
     def nats(self, tokens: np.ndarray, start: int = 1, chunk: int = 1 << 20) -> tuple[float, int]:
         """Total -ln p of tokens[start:], each given up to order-1 preceding tokens of ``tokens``."""
         tokens = np.asarray(tokens).astype(np.int64)

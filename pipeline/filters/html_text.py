@@ -133,11 +133,6 @@ def lang_hint(html: str) -> str | None:
     return m.group(1).split("-")[0].split("_")[0].lower() if m else None
 
 
-def html_to_text(html: str, drop_tags=(), drop_xpath=()) -> str:
-    """Plain text of an HTML document; raises lxml's ParserError on a document with no content."""
-    return extract(html, drop_tags, drop_xpath)[0]
-
-
 def extract(html: str, drop_tags=(), drop_xpath=()) -> tuple[str, str | None]:
     """(plain text, <title>) of an HTML document; raises lxml's ParserError on one with no content."""
     root = parse(html)

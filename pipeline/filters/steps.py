@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.filters.text import PUNCTUATION_SET, TERMINAL, cjk_fraction, non_empty_lines, text_hash, token_table
-from pipeline.filters.text import words as word_tokens
+from pipeline.filters.text import (
+    PUNCTUATION_SET, TERMINAL, cjk_fraction, non_empty_lines, text_hash, token_table, words,
+)
 from pipeline.core.errors import PipelineError
 
 
@@ -41,8 +42,9 @@ class Step:
         return f"{self.name}({args})"
 
 
-def words(text: str) -> list[str]:
-    """Whitespace-separated words, for the `docs` profile's simple length rules."""
+def whitespace_words(text: str) -> list[str]:
+    """Whitespace-separated words, for the `docs` profile's simple length rules (text.words is
+    the spaCy-like tokeniser the Gopher/C4 rules use)."""
     return text.split()
 
 
@@ -148,21 +150,6 @@ class ResiliparseExtract(Step):
         return {**doc, "text": text, "html": None, "title": tree.title or None, "language": lang_hint(doc["html"])}
 
 
-# ---------------------------------------------------------------- normalisation
-
-
-class UnicodeNormalize(Step):
-    """One Unicode form for equal-looking text, so dedup and tokenizer see one spelling."""
-
-    def __init__(self, form: str = "NFC") -> None:
-        if form not in ("NFC", "NFD", "NFKC", "NFKD"):
-            raise PipelineError(f"UnicodeNormalize: form must be NFC, NFD, NFKC or NFKD, not {form!r}")
-        self.form = form
-
-    def __call__(self, doc: dict) -> dict | Reject:
-        return {**doc, "text": unicodedata.normalize(self.form, doc["text"])}
-
-
 # ---------------------------------------------------------------- filters
 
 
@@ -177,7 +164,7 @@ class MinLength(Step):
         text = doc["text"]
         if len(text.strip()) < self.min_chars:
             return Reject("too_few_chars")
-        if len(words(text)) < self.min_words:
+        if len(whitespace_words(text)) < self.min_words:
             return Reject("too_few_words")
         return doc
 
@@ -667,7 +654,7 @@ class C4Quality(Step):
             if self.filter_no_terminal_punct and (not line.endswith(TERMINAL) or line.endswith("...")):
                 continue
             if cjk_fraction(line) > self.cjk_threshold:
-                n_words = sum(1 for t in word_tokens(line) if not PUNCTUATION_SET.issuperset(t))
+                n_words = sum(1 for t in words(line) if not PUNCTUATION_SET.issuperset(t))
             else:
                 n_words = len(ws)
             if n_words < self.min_words_per_line:

@@ -171,10 +171,6 @@ def cjk_fraction(text: str) -> float:
     return len(_CJK_CHAR.findall(text)) / n if n else 0.0
 
 
-def is_cjk_token(tok: str) -> bool:
-    return len(tok) == 1 and _CJK_CHAR.match(tok) is not None
-
-
 # Dedup's normalisation as one str.translate: punctuation and symbols become spaces, digits 0
 # (datatrove's simplify_text does the same with regexes); "_" stays, so snake_case names are words.
 _DEDUP_TABLE = {ord(c): " " for c in PUNCTUATION_SET | set("!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~") if c != "_"} | {

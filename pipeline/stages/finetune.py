@@ -12,8 +12,7 @@ update merged into the weights). `finetune.packing`: whole examples packed into
 block_size rows with attention kept inside each example, or one padded example per row.
 `finetune.overlong`: examples longer than the context are `truncate`d or `drop`ped;
 both are counted in the summary, as are skipped malformed records of user data.
-Hardware keys (accelerator, devices, strategy, precision, num_threads) default to the
-`pretrain` group's, so a GPU config applies to both stages.
+The machine comes from the `hardware` group, as for pretraining.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 import lightning as L
 
 from pipeline.core.artifacts import Timer, sha256_file
-from pipeline.core.config import config_hash, to_container
+from pipeline.core.config import config_hash, to_container, train_settings
 from pipeline.core.errors import PipelineError
 from pipeline.model.lora import apply_lora, merged, trainable_params
 from pipeline.model.runs import (
@@ -46,15 +45,7 @@ from pipeline.training.trainer import (
 )
 
 METHODS = ("full", "lora")
-HARDWARE = ("accelerator", "devices", "strategy", "precision", "num_nodes", "num_threads", "progress_bar", "compile")
-_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every")
-
-
-def train_settings(cfg) -> dict:
-    """finetune config with hardware keys inherited from `pretrain` unless set here."""
-    fc = to_container(cfg.finetune)
-    pc = to_container(cfg.pretrain)
-    return {**{k: pc[k] for k in HARDWARE if k in pc}, **{k: v for k, v in fc.items() if v is not None or k not in HARDWARE}}
+_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard", "peak_flops")
 
 
 def run(cfg, callbacks: tuple = ()) -> dict:
@@ -64,7 +55,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     pre_dir, out = Path(cfg.paths.pretrain), Path(cfg.paths.finetune)
     if not (pre_dir / CKPT).is_file():
         raise PipelineError(f"no pretrained model at {pre_dir}: run `python -m pipeline pretrain` first")
-    tc = train_settings(cfg)
+    tc = train_settings(cfg, "finetune")
     setup_torch(tc)
     L.seed_everything(int(cfg.seed), verbose=False)
 

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from pipeline.core.artifacts import Timer
-from pipeline.core.config import config_hash, to_container
+from pipeline.core.config import config_hash, to_container, train_settings
 from pipeline.core.errors import PipelineError
 from pipeline.model.runs import build_model
 from pipeline.tokenize.bpe import load as load_tokenizer
@@ -44,7 +44,7 @@ _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", 
 
 def fingerprint(cfg, index: dict) -> str:
     """Identifies a run for resuming: model, optimisation, seed and the exact data."""
-    pc = {k: v for k, v in to_container(cfg.pretrain).items() if k not in _VOLATILE}
+    pc = {k: v for k, v in train_settings(cfg, "pretrain").items() if k not in _VOLATILE}
     data = {
         "tokenizer": index.get("tokenizer_sha256"),
         "files": [f.get("sha256") for s in ("train", "val") for f in index["splits"].get(s, {}).get("files", [])],
@@ -65,7 +65,8 @@ def run(cfg, callbacks: tuple = ()) -> dict:
             f"tokenizer at {tok_dir} has {tokenizer.get_vocab_size()} tokens but the shards say vocab_size={vocab}: "
             "rerun `python -m pipeline shard`"
         )
-    setup_torch(pc)
+    tc = train_settings(cfg, "pretrain")
+    setup_torch(tc)
     L.seed_everything(int(cfg.seed), verbose=False)
 
     max_steps = int(pc.max_steps)
@@ -93,7 +94,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         max_steps=max_steps,
         weight_decay=float(pc.weight_decay),
         betas=tuple(pc.betas),
-        compile=bool(pc.get("compile", False)),
+        compile=bool(tc.get("compile", False)),
         optimizer=str(pc.get("optimizer", "adamw")),
         fingerprint=fp,
         stage="pretrain",
@@ -108,7 +109,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     summary: dict = {"stage": "pretrain"}
     with output_dir(out) as work:
         resume = find_resume(out, fp, max_steps) if pc.get("resume", True) else None
-        result = fit(module, dm, work, pc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
+        result = fit(module, dm, work, tc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
         if is_rank_zero():
             summary = finish_run(
                 work, module.model, tokenizer, tok_dir / "tokenizer.json", "pretrain", cfg, timer, result,

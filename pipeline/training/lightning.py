@@ -25,37 +25,14 @@ from pipeline.core.errors import PipelineError
 from pipeline.model.gpt import GPTConfig
 from pipeline.tokenize.shards import open_split, read_index
 from pipeline.training.optim import build_optimizer
+from pipeline.training.schedule import SCHEDULES, lr_at
 
 IGNORE = -100
 
 
 # ---------------------------------------------------------------- module
 
-SCHEDULES = ("cosine", "wsd")
 OBJECTIVES = ("clm", "mlm")
-
-
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine",
-          decay_frac: float = 0.2) -> float:
-    """Linear warmup to `lr`, then either cosine decay to `min_lr` at `total` steps, or
-    warmup-stable-decay (`wsd`): constant `lr` until the last `decay_frac` of the run, then
-    linear decay to `min_lr`. WSD keeps the LR high for longer, and a stable-phase
-    checkpoint can be decayed later without retraining (MiniCPM, "Scaling Laws and
-    Compute-Optimal Training Beyond Fixed Training Durations")."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    if step >= total:
-        return min_lr
-    if schedule == "wsd":
-        decay = max(1, round(total * float(decay_frac)))
-        start = max(warmup, total - decay)
-        if step < start:
-            return lr
-        return lr + (min_lr - lr) * (step - start) / max(1, total - start)
-    if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def flops_per_token(model: torch.nn.Module) -> float:
@@ -252,17 +229,6 @@ class DataDigest:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
-
-
-class StopAt(L.Callback):
-    """Stop after a given global step (used to simulate an interrupted run)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 # ---------------------------------------------------------------- step-indexed data

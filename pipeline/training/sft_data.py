@@ -627,7 +627,3 @@ def write_jsonl(path: Path, pairs: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for p in pairs:
             f.write(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
