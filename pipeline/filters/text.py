@@ -18,8 +18,15 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Han (CJK unified + ext. A + compatibility), hiragana, katakana; Hangul uses spaces, so it is a word script.
-CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+# The one home of the CJK code point ranges, as character-class bodies for regexes.
+# Han in the BMP: CJK unified ideographs, extension A, compatibility ideographs.
+HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+# Han beyond the BMP: extensions B-F and the compatibility supplement.
+HAN_SUPPLEMENT = "\U00020000-\U0002fa1f"
+KANA = "\u3040-\u30ff"  # hiragana, katakana
+# One character = one token for the filters and dedup: kana and BMP Han; Hangul uses spaces,
+# so it is a word script.
+CJK_RANGES = KANA + HAN
 _CJK_CHAR = re.compile(f"[{CJK_RANGES}]")
 TOKEN_RE = re.compile(
     rf"[{CJK_RANGES}]"  # one CJK character = one token

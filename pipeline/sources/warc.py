@@ -24,10 +24,6 @@ HTML_TYPES = {"text/html", "application/xhtml+xml"}
 DOC_RECORDS = {"response", "resource", "conversion"}
 
 
-def _mime(content_type: str) -> str:
-    return content_type.split(";")[0].strip().lower()
-
-
 def _charset(content_type: str) -> str | None:
     for part in content_type.split(";")[1:]:
         key, _, value = part.partition("=")

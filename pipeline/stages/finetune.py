@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 
 from pipeline.core.artifacts import Timer, sha256_file
-from pipeline.core.config import config_hash, to_container, train_settings
+from pipeline.core.config import config_hash, train_settings
 from pipeline.core.errors import PipelineError
 from pipeline.model.lora import apply_lora, merged, trainable_params
 from pipeline.model.runs import (
@@ -32,6 +32,7 @@ from pipeline.model.runs import (
     load_trained,
     require_causal_gpt,
 )
+from pipeline.tokenize.special import PAD
 from pipeline.training import sft_data
 from pipeline.training.lightning import LitGPT, RowsDataModule
 from pipeline.training.runs import finish_run
@@ -105,7 +106,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         lc = fc.lora
         adapted = apply_lora(module.model, int(lc.r), float(lc.alpha), list(lc.targets))
         lora = {"r": int(lc.r), "alpha": float(lc.alpha), "modules": len(adapted)}
-    pad = tokenizer.token_to_id(sft_data.PAD)
+    pad = tokenizer.token_to_id(PAD)
     dm = RowsDataModule(
         train_rows, val_rows, int(fc.batch_size), int(cfg.seed), max_steps, int(fc.get("val_batches", 8)),
         pad if pad is not None else 0,

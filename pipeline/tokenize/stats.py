@@ -17,6 +17,7 @@ from tokenizers import (
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import is_val
+from pipeline.filters.text import HAN, HAN_SUPPLEMENT
 from pipeline.tokenize.bpe import encode_plain
 from pipeline.tokenize.fast import fast_encoder
 from pipeline.tokenize.sample import valid_id
@@ -36,7 +37,7 @@ def _lang_samples_path() -> Path | None:
     return None
 
 
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
+_HAN = re.compile(f"[{HAN}{HAN_SUPPLEMENT}]")  # ideographs only: kana is not counted
 
 
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")

@@ -58,7 +58,7 @@ def overrides(root: Path, corpus: Path, extra: list[str]) -> list[str]:
 def run_inprocess(stage: str, args: list[str]) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
-    from pipeline.apps.cli import stage_module
+    from pipeline.apps.runner import stage_module
 
     GlobalHydra.instance().clear()
     stage_module(stage).run(load(args))
