@@ -229,7 +229,7 @@ def run_ours(
     from omegaconf import OmegaConf, open_dict
 
     from pipeline.stages import clean
-    from pipeline.core.artifacts import ShardWriter, iter_rows
+    from pipeline.core.parquet import ShardWriter, iter_rows
     from pipeline.core.config import load
     from pipeline.sources.raw import RAW_SCHEMA
 
@@ -262,19 +262,19 @@ def profile_report(raw_dir: Path) -> None:
     does) and each filter alone on the extracted text (what it would reject by itself)."""
     from omegaconf import OmegaConf
 
-    from pipeline.stages import clean
-    from pipeline.core.artifacts import iter_rows
+    from pipeline.core.parquet import iter_rows
     from pipeline.core.config import load
+    from pipeline.filters.apply import apply_steps, build_steps, step_name
 
     raws = list(iter_rows(raw_dir))
     for profile in ("docs", "web"):
         cfg = OmegaConf.to_container(load([f"clean={profile}"]).clean.steps, resolve=True)
-        steps = clean.build_steps(cfg)
-        names = [clean.step_name(s) for s in steps]
+        steps = build_steps(cfg)
+        names = [step_name(s) for s in steps]
         in_order: Counter[str] = Counter()
         alone: Counter[str] = Counter()
         for raw in raws:
-            doc, where, why = clean.apply_steps(steps, dict(raw), [])
+            doc, where, why = apply_steps(steps, dict(raw), [])
             if why:
                 in_order[f"{names[where] if where < len(names) else 'end'}: {why}"] += 1
             extracted = steps[0](dict(raw))

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.core import config
 
 from pipeline.stages import shard, tokenizer
-from pipeline.core.artifacts import doc_id, iter_rows
+from pipeline.core.artifacts import doc_id
+from pipeline.core.parquet import iter_rows
 from pipeline.tokenize import bpe
 from pipeline.tokenize import fast as fastenc
 from pipeline.tokenize import shards

@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from pipeline.stages import clean
-from pipeline.core.artifacts import ShardWriter, doc_id, parquet_files, read_json
+from pipeline.core.artifacts import doc_id, read_json
+from pipeline.core.parquet import ShardWriter, parquet_files
+from pipeline.dedup.index import INDEX
+from pipeline.dedup.minhash import normalized_hash
+from pipeline.filters.apply import build_steps
+from pipeline.filters.schema import CLEAN_SCHEMA
 from pipeline.filters.steps import (
     C4Quality,
     GopherQuality,
@@ -177,10 +182,10 @@ def test_c4_quality():
 
 def test_build_steps_errors():
     with pytest.raises(PipelineError, match=r"clean.steps\[0\] \(pipeline.filters.steps.Nope\) could not be built"):
-        clean.build_steps([{"_target_": "pipeline.filters.steps.Nope"}])
+        build_steps([{"_target_": "pipeline.filters.steps.Nope"}])
     with pytest.raises(PipelineError, match="no _target_"):
-        clean.build_steps([{"min_words": 3}])
-    steps = clean.build_steps([{"_target_": "pipeline.filters.steps.HtmlToText", "drop_tags": ["head"]}])
+        build_steps([{"min_words": 3}])
+    steps = build_steps([{"_target_": "pipeline.filters.steps.HtmlToText", "drop_tags": ["head"]}])
     assert steps[0].drop_tags == ["head"] and type(steps[0].drop_tags) is list
 
 
@@ -218,7 +223,7 @@ def sample_docs() -> list[dict]:
 
 
 def stage_cfg(root: Path, *extra: str):
-    return load([f"paths.root={root}", "clean.steps.2.min_words=10", "clean.steps.2.min_chars=40",
+    return load([f"paths.root={root}", "clean.steps.min_length.min_words=10", "clean.steps.min_length.min_chars=40",
                  "clean.decontaminate.enabled=false", *extra])  # fmt: skip
 
 
@@ -248,7 +253,7 @@ def test_clean_stage_funnel_and_dedup(tmp_path):
     assert summary["funnel"] == funnel and summary["kept"] == 2 and summary["docs_in"] == 7
 
     kept = [r for f in parquet_files(out) for r in pq.read_table(f).to_pylist()]
-    assert pq.read_schema(parquet_files(out)[0]).remove_metadata().equals(clean.CLEAN_SCHEMA)
+    assert pq.read_schema(parquet_files(out)[0]).remove_metadata().equals(CLEAN_SCHEMA)
     assert [r["url"] for r in kept] == ["doc0", "doc2"]  # the first occurrence wins
     by_url = {r["url"]: r for r in kept}
     assert by_url["doc0"]["text"] == PROSE and by_url["doc0"]["id"] == doc_id(PROSE)
@@ -264,7 +269,7 @@ def test_clean_stage_funnel_and_dedup(tmp_path):
         ("doc6", "dedup", "near_duplicate"),
     }
     assert {r["url"]: r["text"] for r in rejected}["doc1"] == "too short"  # rejected docs keep their text
-    index = read_json(out / clean.INDEX / "index.json")
+    index = read_json(out / INDEX / "index.json")
     assert index["run"] == 0 and index["params"]["bands"] == 14 and len(index["shards_in"]) == 3
     assert summary["dedup"]["index_entries"]["exact"] == 2
     assert not (out / clean.WORK).exists()
@@ -273,9 +278,9 @@ def test_clean_stage_funnel_and_dedup(tmp_path):
 
 
 def test_normalized_hash_ignores_case_space_and_compat_forms():
-    assert clean.normalized_hash("Hello   World\n") == clean.normalized_hash("hello world")
-    assert clean.normalized_hash("\ufb01ne") == clean.normalized_hash("fine")
-    assert clean.normalized_hash("hello world") != clean.normalized_hash("hello  worlds")
+    assert normalized_hash("Hello   World\n") == normalized_hash("hello world")
+    assert normalized_hash("\ufb01ne") == normalized_hash("fine")
+    assert normalized_hash("hello world") != normalized_hash("hello  worlds")
 
 
 def test_clean_is_deterministic_across_runs_and_workers(tmp_path):
@@ -294,7 +299,7 @@ def test_clean_is_deterministic_across_runs_and_workers(tmp_path):
 def test_all_rejected_raises(tmp_path):
     write_raw(tmp_path, [text_doc("tiny", "a"), text_doc("small", "b")])
     with pytest.raises(PipelineError, match=r"clean kept 0 of 2 documents \(rejected: too_few_words=2\)"):
-        clean.run(load([f"paths.root={tmp_path}", "clean.steps.2.min_words=10", "clean.steps.2.min_chars=1"]))
+        clean.run(load([f"paths.root={tmp_path}", "clean.steps.min_length.min_words=10", "clean.steps.min_length.min_chars=1"]))
     assert not (tmp_path / "data" / "clean").exists()
 
 
@@ -316,8 +321,9 @@ class Explode:
 
 def test_custom_step_and_step_errors_are_counted(tmp_path):
     write_raw(tmp_path, sample_docs())
-    cfg = stage_cfg(tmp_path, "executor.workers=1", "++clean.steps.7.enabled=false")  # PIIRedact off
-    cfg.clean.steps.append(OmegaConf.create({"_target_": f"{Explode.__module__}.Explode"}))
+    cfg = stage_cfg(tmp_path, "executor.workers=1", "clean.steps.pii.enabled=false")  # PIIRedact off
+    with open_dict(cfg):
+        cfg.clean.steps.explode = OmegaConf.create({"_target_": f"{Explode.__module__}.Explode"})
     summary = clean.run(cfg)
     assert "PIIRedact" not in [s["step"] for s in summary["funnel"]["steps"]]
     assert summary["rejected"]["step_error"] == 1

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages import clean
-from pipeline.core.artifacts import ShardWriter, doc_id, iter_rows, read_json
+from pipeline.core.artifacts import doc_id, read_json
+from pipeline.core.parquet import ShardWriter, iter_rows
+from pipeline.dedup.index import INDEX
 from pipeline.dedup.minhash import DedupParams, Signer, band_links, band_tasks, make_key, write_band_files
 from pipeline.filters.text import dedup_tokens
 from pipeline.core.config import load
@@ -220,7 +222,7 @@ def test_incremental_run_dedups_against_kept_index(planted, tmp_path):
     assert set(kept1) <= {p.name for p in out.glob("*.parquet")}  # run 1's shards carried over unchanged
     assert s2["funnel"]["kept"] == s1["kept"] + s2["this_run"]["kept"]
     assert s2["decontaminate"]["val_docs"] >= 1
-    assert read_json(out / clean.INDEX / "index.json")["run"] == 1
+    assert read_json(out / INDEX / "index.json")["run"] == 1
     # nothing new: a third incremental run changes nothing
     s3 = clean.run(stage(tmp_path, "clean.decontaminate.enabled=false", "clean.incremental=true"))
     assert s3["this_run"]["in"] == 0 and s3["funnel"]["kept"] == s2["funnel"]["kept"]

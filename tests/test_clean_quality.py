@@ -230,12 +230,12 @@ def test_resiliparse_extract_keeps_title_and_language():
 def test_web_profile_keeps_good_prose(text, tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline.stages import clean
     from pipeline.core.config import load
+    from pipeline.filters.apply import apply_steps, build_steps
 
     cfg = load([f"paths.root={tmp_path}", "clean=web"])
-    steps = clean.build_steps(
-        OmegaConf.to_container(cfg.clean.steps, resolve=True)[1:]
+    steps = build_steps(
+        list(OmegaConf.to_container(cfg.clean.steps, resolve=True).values())[1:]
     )  # text documents: skip HTML extraction
-    _, where, why = clean.apply_steps(steps, doc(text), [])
+    _, where, why = apply_steps(steps, doc(text), [])
     assert why == "", (where, why)

@@ -84,7 +84,7 @@ def test_repro_builds_then_nothing_then_only_downstream_of_a_change(repo):
 
     conf = repo / "conf" / "clean" / "docs.yaml"
     data = yaml.safe_load(conf.read_text())
-    min_len = next(s for s in data["steps"] if "min_words" in s)
+    min_len = next(s for s in data["steps"].values() if "min_words" in s)
     min_len["min_words"] = int(min_len["min_words"]) + 1
     conf.write_text(yaml.safe_dump(data, sort_keys=False))
     changed = _sh([sys.executable, "-m", "dvc", "repro"], repo)
@@ -140,7 +140,7 @@ def _eval_tokens(repo: Path) -> int:
 def test_experiments_edit_conf_and_compare(repo):
     docs = repo / "conf" / "clean" / "docs.yaml"
     steps = yaml.safe_load(docs.read_text())["steps"]
-    at = next(i for i, s in enumerate(steps) if "min_words" in s)
+    at = next(name for name, s in steps.items() if "min_words" in s)
     min_words = steps[at]["min_words"]
 
     # DVC's file form: clean and everything after it rerun with the new value, ingest does not

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.stages.eval import _generate as REAL_GENERATE
-from pipeline.stages.eval import _load_model as REAL_LOAD_MODEL
 from pipeline.evaluation import metrics as M
 from pipeline.evaluation import parent as P
+from pipeline.evaluation import samples, scoring
 from pipeline.evaluation.ngram import KneserNey, stream_chunks
-from pipeline.evaluation.templates import SECTIONS
+from pipeline.evaluation.report import SECTIONS
+
+REAL_GENERATE, REAL_LOAD_MODEL = samples.generate, scoring.load_model
 
 # ------------------------------------------------------------------ Kneser-Ney
 
@@ -236,7 +237,6 @@ def eval_root(tmp_path, monkeypatch):
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    import pipeline.stages.eval as ev
     from pipeline.core.artifacts import write_json
 
     root = tmp_path / "run"
@@ -297,7 +297,7 @@ def eval_root(tmp_path, monkeypatch):
     Tiny = _tiny_model_factory(V)
     loaded = []
 
-    def fake_load(run_dir):
+    def fake_load(run_dir, seed):
         loaded.append(Path(run_dir).name)
         return Tiny({"pretrain": 1, "finetune": 2}[Path(run_dir).name]).eval(), {"block_size": 16}
 
@@ -309,9 +309,8 @@ def eval_root(tmp_path, monkeypatch):
         text = tokenizer.decode(ids[len(tokenizer.encode(prompt).ids):])
         return f"<b>{text}</b> & more<|end|>trailing"
 
-    monkeypatch.setattr(ev, "code_version", lambda: "test+src.0")  # others may edit the package meanwhile
-    monkeypatch.setattr(ev, "_load_model", fake_load)
-    monkeypatch.setattr(ev, "_generate", fake_generate)
+    monkeypatch.setattr(scoring, "load_model", fake_load)
+    monkeypatch.setattr(samples, "generate", fake_generate)
     overrides = [
         f"paths.root={root}", "eval.max_new_tokens=6", "eval.max_heldout_pairs=2",
         "eval.prompts=['The json module','<script>alert(1)</script>']",
@@ -461,11 +460,9 @@ def test_stage_with_the_real_transformer(eval_root, monkeypatch):
     pytest.importorskip("pipeline.apps.generate", reason="pipeline.apps.generate is not written yet")
     import torch
 
-    import pipeline.stages.eval as ev
-
     root, overrides, _ = eval_root
-    monkeypatch.setattr(ev, "_load_model", REAL_LOAD_MODEL)  # undo the fixture's fakes
-    monkeypatch.setattr(ev, "_generate", REAL_GENERATE)
+    monkeypatch.setattr(scoring, "load_model", REAL_LOAD_MODEL)  # undo the fixture's fakes
+    monkeypatch.setattr(samples, "generate", REAL_GENERATE)
     V = json.loads((root / "data/shards/index.json").read_text())["vocab_size"]
     model_cfg = {"n_layer": 1, "n_head": 2, "d_model": 16, "mlp_hidden": 32, "block_size": 32}
     for i, run in enumerate(("pretrain", "finetune")):

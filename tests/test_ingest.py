@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages import ingest
-from pipeline.core.artifacts import doc_id, parquet_files, read_json
+from pipeline.core.artifacts import doc_id, read_json
+from pipeline.core.parquet import parquet_files
 from pipeline.core.config import load
 from pipeline.core.errors import PipelineError
 from pipeline.sources.crawler import CrawlConfig, Crawler, extract_links, normalize_url

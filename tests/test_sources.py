@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stages import ingest
-from pipeline.core.artifacts import doc_id, parquet_files
+from pipeline.core.artifacts import doc_id
+from pipeline.core.parquet import parquet_files
 from pipeline.core.config import load
 from pipeline.core.errors import PipelineError
 

@@ -12,7 +12,8 @@ from conftest import run_cli
 from pipeline.core import config
 
 from pipeline.stages import shard, tokenizer
-from pipeline.core.artifacts import doc_id, hash_tree, iter_rows, sha256_file
+from pipeline.core.artifacts import doc_id, hash_tree, sha256_file
+from pipeline.core.parquet import iter_rows
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import is_val
 from pipeline.tokenize import bpe

@@ -9,7 +9,7 @@ Hydra overrides into those edits:
     clean=web                 -> conf/config.yaml   defaults.<i>.clean = web
     seed=7                    -> conf/config.yaml   seed = 7
     pretrain.max_steps=100    -> conf/pretrain/<selected option>.yaml   max_steps = 100
-    clean.min_words=30        -> conf/clean/docs.yaml   steps.2.min_words = 30
+    clean.min_words=30        -> conf/clean/docs.yaml   steps.min_length.min_words = 30
                                  (a key not at the top of the file is looked up by name
                                  and must occur exactly once)
 

@@ -1,14 +1,6 @@
-"""Text generation from a trained run: greedy, temperature, top-k and top-p sampling.
-
-Prompts are preceded by `<|endoftext|>`, the way every training document is, and
-generation stops at `<|endoftext|>` or `<|end|>`; only the continuation is returned.
-Decoding keeps a KV cache (one forward of a single token per new token) unless
-`use_cache=False`, which recomputes the whole context every step (the baseline that
-`benchmarks/bench_generate.py` compares against). Sampling draws from a generator seeded
-by `seed`, so a (prompt, settings, seed) triple always gives the same text. Text can be
-streamed as it is produced (`on_text`), and `chat()` runs a multi-turn conversation with
-the fine-tuned model in the chat format it was trained on.
-"""
+"""`python -m pipeline generate`: text from a trained run, streamed to the terminal, and an
+interactive chat with the fine-tuned model in the format it was trained on (decoding itself
+is `pipeline.model.sampling`)."""
 
 from __future__ import annotations
 

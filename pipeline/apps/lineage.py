@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.core.artifacts import SUMMARY, hash_tree, parquet_files
+from pipeline.core.artifacts import SUMMARY, hash_tree
 from pipeline.core.errors import PipelineError
+from pipeline.core.parquet import parquet_files
 from pipeline.stages import registry
 
 BODY_COLUMNS = {"text", "html"}  # never printed; everything else in a raw row is provenance

@@ -1,4 +1,4 @@
-"""Atomic outputs, content hashes, Parquet shard I/O and stage summaries.
+"""Atomic outputs, content hashes and stage summaries (Parquet shard I/O: pipeline.core.parquet).
 
 Every stage writes into a temporary sibling directory and renames it into place only when
 it succeeded, so a crash never leaves a half-written output that a later stage would read.
@@ -17,9 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import pipeline
 from pipeline.core.errors import PipelineError
@@ -163,51 +160,3 @@ def write_summary(out: Path, stage: str, cfg, inputs: dict[str, Path], timer: Ti
     }
     write_json(Path(out) / SUMMARY, summary)
     return summary
-
-
-# ---------------------------------------------------------------- Parquet shards
-
-class ShardWriter:
-    """Writes rows into size-bounded Parquet shards named ``{prefix}-00000.parquet``."""
-
-    def __init__(self, out_dir: Path, schema: pa.Schema, rows_per_shard: int, prefix: str = "part") -> None:
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.schema = schema
-        self.rows_per_shard = max(1, int(rows_per_shard))
-        self.prefix = prefix
-        self.buffer: list[dict] = []
-        self.files: list[dict] = []
-        self.rows = 0
-
-    def write(self, row: dict) -> None:
-        self.buffer.append(row)
-        if len(self.buffer) >= self.rows_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        name = f"{self.prefix}-{len(self.files):05d}.parquet"
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
-        pq.write_table(table, self.out_dir / name, compression="zstd")
-        self.files.append({"name": name, "rows": len(self.buffer)})
-        self.rows += len(self.buffer)
-        self.buffer = []
-
-    def close(self) -> list[dict]:
-        self.flush()
-        return self.files
-
-
-def parquet_files(path: Path) -> list[Path]:
-    return sorted(Path(path).glob("*.parquet"))
-
-
-def iter_rows(path: Path, columns: list[str] | None = None, batch_size: int = 512) -> Iterator[dict]:
-    """Stream rows from one Parquet file (or every shard in a directory), in order."""
-    files = [Path(path)] if Path(path).is_file() else parquet_files(path)
-    for f in files:
-        pf = pq.ParquetFile(f)
-        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-            yield from batch.to_pylist()

@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.artifacts import doc_id, iter_rows
+from pipeline.core.artifacts import doc_id
 from pipeline.dedup.minhash import GOLDEN, mix64
 from pipeline.filters.text import dedup_tokens
 from pipeline.core.errors import PipelineError
+from pipeline.core.parquet import iter_rows
 from pipeline.core.splits import is_val
 
 
@@ -156,3 +157,46 @@ def contaminated(results: list[dict], strict: np.ndarray, max_train_docs: int, m
             if bad and bad / total > min_overlap:
                 out[key] = bad
     return out
+
+
+def settings(cfg) -> dict:
+    """``clean.decontaminate`` with its defaults, unknown keys refused."""
+    from omegaconf import OmegaConf
+
+    d = cfg.clean.get("decontaminate")
+    d = OmegaConf.to_container(d, resolve=True) if d is not None else {}
+    known = {"enabled", "ngram", "max_train_docs", "min_overlap", "paths"}
+    if set(d) - known:
+        raise PipelineError(f"clean.decontaminate: unknown keys {sorted(set(d) - known)} (known: {sorted(known)})")
+    return {"enabled": bool(d.get("enabled", False)), "ngram": int(d.get("ngram", 13)),
+            "max_train_docs": int(d.get("max_train_docs", 5)), "min_overlap": float(d.get("min_overlap", 0.0)),
+            "paths": list(d.get("paths") or [])}  # fmt: skip
+
+
+def find_contaminated(cfg, dc: dict, work: Path, cand: list[Path], prev_kept: list[Path], drop: dict,
+                      executor) -> tuple[dict[int, int], dict]:  # fmt: skip
+    """Keys of contaminated training documents among the candidate shards ``cand`` (keys in
+    ``drop`` already gone) -> shared n-gram count, and what was checked. Validation documents
+    of ``cand`` and of shards kept by earlier runs (``prev_kept``) count as held out."""
+    from pipeline.core.executor import map_ordered
+
+    fraction = float(cfg.shard.val_fraction)
+    dropped = sorted(drop)
+    vtasks = [{"path": str(f), "drop": dropped, "val_fraction": fraction, "ngram": dc["ngram"],
+               "out": str(work / f"val-{i:05d}.npy")} for i, f in enumerate(cand)]  # fmt: skip
+    vtasks += [{"path": str(f), "drop": [], "keyed": False, "val_fraction": fraction, "ngram": dc["ngram"],
+                "out": str(work / f"val-prev-{i:05d}.npy")} for i, f in enumerate(prev_kept)]  # fmt: skip
+    vres = map_ordered(val_ngrams, vtasks, executor)
+    strict_texts = external_texts(dc["paths"], cfg.paths.root) + finetune_heldout_texts(cfg)
+    strict_parts = [ngram_hashes(t, dc["ngram"]) for t in strict_texts]
+    strict = np.unique(np.concatenate(strict_parts)) if strict_parts else np.zeros(0, dtype=np.uint64)
+    held = np.unique(np.concatenate([strict, *(np.load(t["out"]) for t in vtasks)]))
+    np.save(work / "held.npy", held, allow_pickle=False)
+    htasks = [{"path": str(f), "drop": dropped, "val_fraction": fraction, "ngram": dc["ngram"],
+               "held": str(work / "held.npy")} for f in cand]  # fmt: skip
+    hres = map_ordered(train_hits, htasks, executor)
+    bad = contaminated(hres, strict, dc["max_train_docs"], dc["min_overlap"])
+    info = {"ngram": dc["ngram"], "max_train_docs": dc["max_train_docs"], "min_overlap": dc["min_overlap"],
+            "val_docs": sum(r["val_docs"] for r in vres),
+            "external_texts": len(strict_texts), "heldout_ngrams": len(held), "contaminated": len(bad)}  # fmt: skip
+    return bad, info

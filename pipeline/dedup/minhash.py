@@ -26,11 +26,13 @@ The same four stages as datatrove's MinHash dedup, with the work vectorised in n
    before, and drops what duplicates it.
 
 The index persists as the kept documents' sorted ``(bucket, key)`` files, per band and
-shard, in ``index/``; ``clean.incremental=true`` reads it back (see pipeline.stages.clean).
+shard, in ``index/``; ``clean.incremental=true`` reads it back (see pipeline.dedup.index).
 """
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +189,12 @@ class Signer:
         s = sig.astype(np.uint64).reshape(len(sig), self.p.bands, self.p.rows)
         h = (s * self.row_mult).sum(axis=2, dtype=np.uint64) + np.arange(self.p.bands, dtype=np.uint64) * GOLDEN
         return mix64(h)
+
+
+def normalized_hash(text: str) -> str:
+    """Hash of the text as exact dedup sees it: NFKC, lowercase, whitespace runs collapsed."""
+    norm = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    return hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def exact_hash(norm_hash_hex: str) -> int:

@@ -1,5 +1,8 @@
 """Scores: bits per byte, perplexity, BLEU, ROUGE-1/2/L, and a batched torch scorer.
 
+ROUGE is Google's ``rouge-score`` (n-gram and LCS F1) fed our tokens: its own tokenizer keeps
+only [a-z0-9] runs, so CJK text scores 0 and "os.path.join" becomes three words.
+
 Window convention for models: the held-out stream t[0..N-1] is cut into consecutive,
 non-overlapping windows ``t[s : s+B+1]`` (s = 0, B, 2B, ...); each window predicts its last
 B tokens from the ones before them inside the window. Every token t[1..N-1] is scored once,
@@ -8,9 +11,9 @@ t[0] by nobody, and the n-gram baseline scores the very same tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections import Counter
 
 import numpy as np
 
@@ -51,19 +54,27 @@ def _tokens(text: str) -> list[str]:
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
 
 
-def _f1(overlap: int, n_hyp: int, n_ref: int) -> float:
-    if overlap == 0 or n_hyp == 0 or n_ref == 0:
-        return 0.0
-    precision, recall = overlap / n_hyp, overlap / n_ref
-    return 2 * precision * recall / (precision + recall)
+class _Tokens:
+    """``_tokens`` as a rouge-score tokenizer."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _tokens(text)
+
+
+@functools.cache
+def _scorer(kind: str):
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer([kind], tokenizer=_Tokens())
+
+
+def _rouge(hypothesis: str, reference: str, kind: str) -> float:
+    return float(_scorer(kind).score(reference, hypothesis)[kind].fmeasure)
 
 
 def rouge_n_f1(hypothesis: str, reference: str, n: int) -> float:
     """ROUGE-N F1 of one pair: clipped n-gram overlap (multiset intersection), in [0, 1]."""
-    h, r = _tokens(hypothesis), _tokens(reference)
-    hg = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
-    rg = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
-    return _f1(sum((hg & rg).values()), sum(hg.values()), sum(rg.values()))
+    return _rouge(hypothesis, reference, f"rouge{int(n)}")
 
 
 def rouge_n(hypotheses: list[str], references: list[str], n: int) -> float:
@@ -73,22 +84,9 @@ def rouge_n(hypotheses: list[str], references: list[str], n: int) -> float:
     return 100.0 * sum(rouge_n_f1(h, r, n) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
-
-
 def rouge_l_f1(hypothesis: str, reference: str) -> float:
     """ROUGE-L F1 (beta = 1) of one pair: LCS over the ROUGE tokens, in [0, 1]."""
-    h, r = _tokens(hypothesis), _tokens(reference)
-    return _f1(_lcs_length(h, r), len(h), len(r))
+    return _rouge(hypothesis, reference, "rougeL")
 
 
 def rouge_l(hypotheses: list[str], references: list[str]) -> float:
@@ -96,6 +94,16 @@ def rouge_l(hypotheses: list[str], references: list[str]) -> float:
     if not hypotheses:
         return 0.0
     return 100.0 * sum(rouge_l_f1(h, r) for h, r in zip(hypotheses, references, strict=True)) / len(hypotheses)
+
+
+def generation_scores(answers: list[str], references: list[str]) -> dict[str, float]:
+    """BLEU and ROUGE-1/2/L (0-100, rounded to 4 places) of generated answers against references."""
+    return {
+        "bleu": round(bleu(answers, references), 4),
+        "rouge1": round(rouge_n(answers, references, 1), 4),
+        "rouge2": round(rouge_n(answers, references, 2), 4),
+        "rougeL": round(rouge_l(answers, references), 4),
+    }
 
 
 def score_model(

@@ -110,7 +110,34 @@ def check_gate(gate_cfg, parent: dict | None, current: dict) -> dict:
     return {"status": "PASSED", "reason": f"{len(rules)} rule(s) checked against the parent run", "rules": rules}
 
 
+def compare(ec, history_dir: Path, resolved: dict, results: dict) -> dict:
+    """This run against its parent: {"parent": the parent record or None, "gate": the verdict
+    of ``eval.gate``, "changes": metric_changes, "config_diff": config_diff}."""
+    parent = load_parent(ec.get("parent"), history_dir)
+    return {
+        "parent": parent,
+        "gate": check_gate(ec.get("gate") or {}, parent, results),
+        "changes": metric_changes((parent or {}).get("metrics"), results),
+        "config_diff": config_diff((parent or {}).get("config"), resolved),
+    }
+
+
+def enforce_gate(gate: dict, gate_cfg, parent: dict | None, report: Path) -> None:
+    """Raise when the gate FAILED and ``eval.gate.fail`` (default true) says to stop."""
+    if gate["status"] == "FAILED" and bool((gate_cfg or {}).get("fail", True)):
+        raise PipelineError(
+            f"release gate FAILED against the parent run ({parent['source']}): {gate['reason']}. "
+            f"The report at {report} says why; to publish anyway, rerun with eval.gate.enabled=false "
+            f"or eval.gate.fail=false"
+        )
+
+
 # ------------------------------------------------------------------ history
+
+
+def history_dir_for(ec, root: Path) -> Path:
+    """``eval.history_dir``, by default <paths.root>/runs/eval."""
+    return Path(str(ec.get("history_dir") or Path(root) / "runs" / "eval"))
 
 
 def _records(history_dir: Path) -> list[Path]:

@@ -1,10 +1,18 @@
-"""Plots (matplotlib, Agg) and the Markdown / self-contained HTML report."""
+"""Plots (matplotlib, Agg) and the Markdown / self-contained HTML report.
+
+The report's text lives in ``templates/report.md.j2`` and ``templates/report.html.j2``
+(package data); this module gathers what they show. The HTML one is rendered with
+autoescaping on: model samples routinely contain ``<``. The Markdown one escapes table cells
+with the ``cell`` filter and puts free text in fences.
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
 import math
 import re
 from pathlib import Path
@@ -13,10 +21,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from jinja2 import Environment, StrictUndefined  # noqa: E402
+from jinja2 import Environment, PackageLoader, StrictUndefined  # noqa: E402
 
-from pipeline.evaluation import templates  # noqa: E402
+from pipeline.core.artifacts import hash_tree, read_json  # noqa: E402
 
+# the report's sections, in order, in both templates
+SECTIONS = (
+    "Summary",
+    "Release gate",
+    "Metrics",
+    "Comparison with the parent run",
+    "Training curves",
+    "Data funnel",
+    "Tokenizer",
+    "Samples",
+    "Held-out Q&A examples",
+    "Lineage",
+)
 MODEL_COLORS = {"n-gram": "#8c959f", "lstm": "#bf8700", "pretrain": "#0969da", "finetune": "#1a7f37"}
 
 
@@ -174,6 +195,109 @@ def plot_metrics(metrics: dict) -> bytes:
     return _png(fig)
 
 
+# ------------------------------------------------------------------ what the report shows
+
+def rel(path: Path, root: Path) -> str:
+    """A path as the report shows it: relative to the run root when it is under it."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def lineage(inputs: dict[str, Path], root: Path) -> list[dict]:
+    """[{name, path, sha256}] of the stage's inputs."""
+    return [{"name": k, "path": rel(p, root), "sha256": hash_tree(p)} for k, p in inputs.items()]
+
+
+def config_group_hashes(resolved: dict, groups) -> list[tuple[str, str]]:
+    """sha256 (first 16) of each config group present, so a reader sees which stage's settings changed."""
+    out = []
+    for group in dict.fromkeys(groups):
+        if group in resolved:
+            blob = json.dumps(resolved[group], sort_keys=True, default=str).encode()
+            out.append((group, hashlib.sha256(blob).hexdigest()[:16]))
+    return out
+
+
+def parent_view(parent: dict | None, heldout_sha256: str, root: Path) -> dict | None:
+    """What the report and the stage summary say about the parent run."""
+    if parent is None:
+        return None
+    same_text = parent.get("heldout_sha256") == heldout_sha256
+    return {
+        "source": rel(Path(parent["source"]), root),
+        "run": parent.get("run"), "created": parent.get("created"),
+        "code_version": parent.get("code_version"),
+        "heldout_note": "same held-out tokens as this run" if same_text else
+        "the held-out tokens differ from this run's (data or tokenizer changed): "
+        "bits per byte compare models on different text",
+    }
+
+
+def curve_views(curves: dict[str, dict | None], runs: dict[str, Path], root: Path) -> list[dict]:
+    """Per model: the last train/val loss and the best val loss, or where no curve was found."""
+    out = []
+    for name, run_dir in runs.items():
+        c = curves[name]
+        view = {"name": name, "dir": rel(run_dir, root), "path": None, "last": [], "best_val": None}
+        if c is not None:
+            view["path"] = rel(c["path"], root)
+            view["last"] = [(k, c[k][1][-1]) for k in ("train", "val") if c[k][1]]
+            view["best_val"] = min(c["val"][1]) if c["val"][1] else None
+        out.append(view)
+    return out
+
+
+def tokenizer_view(tokenizer, stats_path: Path, heldout, root: Path) -> dict:
+    """The tokenizer's size, its stats.json (short scalar entries) and the scored bytes per token."""
+    stats = read_json(stats_path) if Path(stats_path).is_file() else {}
+    return {
+        "vocab_size": int(tokenizer.get_vocab_size()),
+        "special_tokens": len(tokenizer.get_added_tokens_decoder()),
+        "bytes_per_token": stats.get("bytes_per_token"),
+        "scored_bytes_per_token": heldout.n_bytes / heldout.n_tokens,
+        "stats": [(k, v) for k, v in sorted(stats.items())
+                  if k != "bytes_per_token" and isinstance(v, (int, float, str)) and len(str(v)) <= 80],
+        "stats_found": bool(stats),
+        "stats_path": rel(stats_path, root),
+    }
+
+
+def context(*, results: dict, heldout, pairs: list[dict], answers: dict[str, list[str]], prompts: list[str],
+            continuations: dict[str, list[str]], ngram: dict, lstm: dict | None, block_sizes: dict[str, int],
+            runs: dict[str, Path], curves: dict[str, dict | None], tokenizer, paths: dict[str, Path],
+            comparison: dict, parent: dict | None, lineage: list[dict], config_sha256: str, code_version: str,
+            stage_configs: list[tuple[str, str]], max_new_tokens: int, examples: int) -> dict:
+    """Everything the two report templates read. ``paths``: root, finetune (run dir), pairs
+    (held-out pairs file), funnel (funnel.json), stats (tokenizer stats.json)."""
+    root = paths["root"]
+    funnel_path = Path(paths["funnel"])
+    models = [m for m in ("ngram", "lstm", "pretrain", "finetune") if m in results]
+    keys = ("val_bpb", "val_ppl", "bleu", "rouge1", "rouge2", "rougeL")
+    return {
+        "results": results, "beats": results["pretrain"]["val_bpb"] < results["ngram"]["val_bpb"],
+        "ngram": ngram, "lstm": lstm, "finetune": "finetune" in runs, "finetune_dir": rel(paths["finetune"], root),
+        "pairs_path": rel(paths["pairs"], root),
+        "rows": [{"model": m, **{k: results[m].get(k) for k in keys}} for m in models],
+        "val_tokens": heldout.n_tokens, "val_bytes": heldout.n_bytes, "blocks": block_sizes,
+        "heldout_pairs": len(pairs), "max_new_tokens": max_new_tokens,
+        "curves": curve_views(curves, runs, root),
+        "funnel": funnel_view(read_json(funnel_path)) if funnel_path.is_file() else None,
+        "funnel_path": rel(funnel_path, root),
+        "tokenizer": tokenizer_view(tokenizer, paths["stats"], heldout, root),
+        "samples": [{"prompt": p, "outputs": [(m, texts[i]) for m, texts in continuations.items()]}
+                    for i, p in enumerate(prompts)],
+        "qa": [{"question": p["question"], "reference": p["answer"], "outputs": {m: answers[m][i] for m in answers}}
+               for i, p in enumerate(pairs[:examples])],
+        "qa_models": list(answers),
+        "gate": comparison["gate"], "parent": parent, "changes": comparison["changes"],
+        "config_diff": comparison["config_diff"],
+        "lineage": lineage, "config_sha256": config_sha256, "code_version": code_version,
+        "stage_configs": stage_configs,
+    }
+
+
 # ------------------------------------------------------------------ rendering
 
 def _num(value, digits: int = 4) -> str:
@@ -206,6 +330,15 @@ def _text(value) -> str:
     return re.sub(r"\s+", " ", "" if value is None else str(value)).strip()
 
 
+def _stat(value) -> str:
+    """A tokenizer statistic: floats to 4 places, – for none."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
 def _fence(value) -> str:
     """A fenced block longer than any backtick run inside, so any text stays literal."""
     text = "" if value is None else str(value)
@@ -214,15 +347,37 @@ def _fence(value) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+_LOADER = PackageLoader("pipeline.evaluation", "templates")
+_FILTERS = {"num": _num, "signed": _signed, "pct": _pct, "stat": _stat, "fmt": format}
+_MD = Environment(loader=_LOADER, autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True)
+_MD.filters.update(_FILTERS, cell=_cell, fence=_fence, text=_text)
+_HTML = Environment(loader=_LOADER, autoescape=True, undefined=StrictUndefined, keep_trailing_newline=True)
+_HTML.filters.update(_FILTERS)
+
+
 def render(context: dict, images: dict[str, bytes | None]) -> tuple[str, str]:
     """(report.md, report.html); plots are linked as files in Markdown and inlined in HTML."""
-    md_env = Environment(autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True)
-    md_env.filters.update(num=_num, cell=_cell, fence=_fence, text=_text, signed=_signed, pct=_pct)
-    html_env = Environment(autoescape=True, undefined=StrictUndefined, keep_trailing_newline=True)
-    html_env.filters.update(num=_num, signed=_signed, pct=_pct)
     plots = {k: f"plots/{k}.png" if v else None for k, v in images.items()}
     uris = {k: "data:image/png;base64," + base64.b64encode(v).decode() if v else None for k, v in images.items()}
-    md = md_env.from_string(templates.MARKDOWN).render(plots=plots, **context)
-    page = html_env.from_string(templates.HTML).render(images=uris, **context)
+    md = _MD.get_template("report.md.j2").render(plots=plots, **context)
+    page = _HTML.get_template("report.html.j2").render(images=uris, **context)
     md = re.sub(r"\n{3,}", "\n\n", md)
     return md, page
+
+
+def write(out: Path, context: dict, results: dict, curves: dict[str, dict | None]) -> None:
+    """plots/*.png, curves/*.csv, report.md and report.html into ``out``."""
+    out = Path(out)
+    images = {
+        "metrics": plot_metrics(results),
+        "curves": plot_curves(curves),
+        "funnel": plot_funnel(context["funnel"]) if context["funnel"] else None,
+    }
+    md, page = render(context, images)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for name, png in images.items():
+        if png:
+            (out / "plots" / f"{name}.png").write_bytes(png)
+    write_curve_csvs(out / "curves", curves)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.html").write_text(page, encoding="utf-8")

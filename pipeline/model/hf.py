@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Conversion of our GPT to Hugging Face `transformers` (Llama or GPT-2 architecture),
+with a tokenizer that carries the chat template, written with safetensors and no pickles.
+"""
 
 from __future__ import annotations
 

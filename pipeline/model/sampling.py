@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Decoding from a trained model: greedy, temperature, top-k and top-p sampling, streamed.
+
+Prompts are preceded by `<|endoftext|>`, the way every training document is, and decoding
+stops at `<|endoftext|>`, `<|end|>` or a stop id; a KV cache is kept unless `use_cache=False`
+(the baseline `benchmarks/bench_generate.py` compares against). A (prompt, settings, seed)
+triple always gives the same text. Used by evaluation, `generate` and `serve`.
+"""
 
 from __future__ import annotations
 

@@ -1,17 +1,16 @@
-"""TODO docstring."""
+"""Raw documents: the ``data/raw`` schema, what a source reports besides its rows, and the shard writer."""
 
 from __future__ import annotations
 
 import logging
-
-import os
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from pipeline.core.parquet import ShardWriter
 
 log = logging.getLogger("pipeline.stages.ingest")
 
@@ -93,91 +92,21 @@ class IngestContext:
         }
 
 
-class RawShardWriter:
+class RawShardWriter(ShardWriter):
     """``part-NNNNN.parquet`` shards of RAW_SCHEMA, bounded by rows and by content bytes.
 
-    Buffers column lists rather than row dicts: building the Arrow table column-wise is
-    several times cheaper per document, which matters when a source yields thousands of
-    WARC records per second.
+    Encoding and zstd run on a second thread, overlapping with reading the next shard's
+    records (a source may yield thousands of WARC records per second); at most one shard
+    is in flight, so memory stays bounded.
     """
 
     def __init__(self, out_dir: Path, rows_per_shard: int, max_shard_bytes: int = 0, prefix: str = "part") -> None:
-        self.out_dir = Path(out_dir)
-        self.prefix = prefix
-        self.part_bytes: list[int] = []
-        self.rows_per_shard = max(1, int(rows_per_shard))
-        self.max_shard_bytes = int(max_shard_bytes or 0)
-        self.names = RAW_SCHEMA.names
-        self.cols: dict[str, list] = {n: [] for n in self.names}
-        self.buffered_rows = 0
-        self.buffered_bytes = 0
-        self.files: list[dict] = []
-        self.rows = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-
-    def write(self, row: dict, nbytes: int) -> None:
-        if self.max_shard_bytes and self.buffered_rows and self.buffered_bytes + nbytes > self.max_shard_bytes:
-            self.flush()
-        get = row.get
-        for name, col in self.cols.items():
-            col.append(get(name))
-        self.buffered_rows += 1
-        self.buffered_bytes += nbytes
-        if self.buffered_rows >= self.rows_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.buffered_rows:
-            return
-        name = f"{self.prefix}-{len(self.files):05d}.parquet"
-        table = pa.Table.from_pydict(self.cols, schema=RAW_SCHEMA)
-        # encoding + zstd release the GIL: done on a second thread, they overlap with reading
-        # the next shard's records; at most one shard is in flight, so memory stays bounded
-        self._wait()
-        self._pending = self._pool().submit(pq.write_table, table, self.out_dir / name, compression="zstd")
-        self.files.append({"name": name, "rows": self.buffered_rows})
-        self.part_bytes.append(self.buffered_bytes)
-        self.rows += self.buffered_rows
-        self.cols = {n: [] for n in self.names}
-        self.buffered_rows = self.buffered_bytes = 0
+        super().__init__(out_dir, RAW_SCHEMA, rows_per_shard, max_shard_bytes=max_shard_bytes, prefix=prefix,
+                         background=True)  # fmt: skip
 
     def add_part(self, part: ShardPart) -> None:
         """Take over a shard written elsewhere as the next one (after what is buffered)."""
-        self.flush()
-        self._wait()
-        name = f"{self.prefix}-{len(self.files):05d}.parquet"
-        os.replace(part.path, self.out_dir / name)
-        self.files.append({"name": name, "rows": part.rows, **({"input": part.input} if part.input else {})})
-        self.part_bytes.append(part.bytes)
-        self.rows += part.rows
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet")
-        return self._executor
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()  # a failed write fails the stage here
-
-    def abort(self) -> None:
-        """Stop without writing what is buffered (the stage failed); waits for a write in flight."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        self._pending = None
-
-    def close(self) -> list[dict]:
-        try:
-            self.flush()
-            self._wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-        return self.files
+        self.add_file(part.path, part.rows, part.bytes, **({"input": part.input} if part.input else {}))
 
 
 def content_bytes(row: dict) -> int:

@@ -26,7 +26,6 @@ from pathlib import Path
 from pipeline.core.artifacts import (
     Timer,
     atomic_dir,
-    parquet_files,
     require_dir,
     sha256_file,
     write_json,
@@ -34,13 +33,13 @@ from pipeline.core.artifacts import (
 )
 from pipeline.core.errors import PipelineError
 from pipeline.core.executor import map_ordered
+from pipeline.core.parquet import parquet_files
 from pipeline.tokenize.bpe import load as load_tokenizer
 from pipeline.tokenize.encode import choose_encoder, encode_shard, merge_split
 from pipeline.tokenize.shards import ORDER_RULE, SPLIT_RULE, SPLITS, dtype_for, verify
 from pipeline.tokenize.special import EOT
 
 log = logging.getLogger(__name__)
-
 
 
 def run(cfg) -> dict:

@@ -9,14 +9,12 @@ are left out of training so held-out scores are not flattered by the vocabulary.
 directory as a chat tokenizer) and `stats.json` (compression on the validation split,
 overall and per language, and against GPT-2's tokenizer when it is available offline).
 
-`FastEncoder` runs the same BPE through `tiktoken` (ranks converted from the merges, same
-split regex), which encodes several times faster; it returns the `tokenizers` ids exactly,
-re-encoding with `tokenizers` any document whose result it cannot prove identical.
+The library parts live in `pipeline/tokenize/`: `bpe` (recipe, loading, byte strings),
+`sample` (the training sample), `stats` and `fast` (tiktoken with the same ids, used by shard).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from pipeline.core.artifacts import (
@@ -35,19 +33,6 @@ from pipeline.tokenize.sample import train_texts, training_sample
 from pipeline.tokenize.special import SPECIAL_TOKENS
 from pipeline.tokenize.stats import compute_stats
 
-log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- tiktoken with our vocabulary
-
-
-# ---------------------------------------------------------------- training sample
-
-
-# ---------------------------------------------------------------- stats
-
-
-# ---------------------------------------------------------------- transformers interop
 
 
 def run(cfg) -> dict:

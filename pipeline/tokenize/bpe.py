@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Byte-level BPE with Hugging Face `tokenizers`: the trainer's recipe, loading, exact byte
+strings per token id (what bits per byte rests on), and `tokenizer_config.json`.
+"""
 
 from __future__ import annotations
 

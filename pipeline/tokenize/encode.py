@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Encoding one clean shard into token pieces (per split, with order keys), and merging the
+pieces into `.bin` files: the per-shard work of the shard stage, run through the executor.
+"""
 
 from __future__ import annotations
 

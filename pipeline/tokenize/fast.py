@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""tiktoken running our BPE: ranks converted from the merges, the same split regex, and a
+flag on every token whose merges could differ, so its ids equal `tokenizers`' exactly.
+"""
 
 from __future__ import annotations
 

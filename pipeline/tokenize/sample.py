@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The tokenizer's training sample: training documents (never validation ones) whose seeded
+id hash is smallest, up to a byte cap, streamed from the clean shards.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.artifacts import (
-    parquet_files,
     require_dir,
 )
+from pipeline.core.parquet import parquet_files
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import is_val
 

@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""The token shard format: flat little-endian `.bin` files (uint16 or uint32) listed with
+their sha256 and token counts in `index.json`; reading, memory-mapping and verifying them.
+"""
 
 from __future__ import annotations
 

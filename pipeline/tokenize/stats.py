@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""`stats.json` of the tokenizer: bytes per token on the validation split, overall and per
+language, GPT-2's tokenizer on the same text when it is available offline, round-trip checks.
+"""
 
 from __future__ import annotations
 

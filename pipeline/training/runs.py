@@ -1,4 +1,6 @@
-"""TODO docstring."""
+"""Finishing a training run: meta.json, the tokenizer, the `hf/` export and the summary,
+shared by pretraining and fine-tuning.
+"""
 
 from __future__ import annotations
 

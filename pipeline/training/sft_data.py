@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pipeline.core.artifacts import doc_id as content_id
-from pipeline.core.artifacts import iter_rows, parquet_files
+from pipeline.core.parquet import iter_rows, parquet_files
 from pipeline.core.errors import PipelineError
 from pipeline.core.splits import is_val
 from pipeline.tokenize.special import END, EOT

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.stages import clean
-from pipeline.core.artifacts import doc_id, parquet_files
+from pipeline.core.artifacts import doc_id
+from pipeline.core.parquet import parquet_files
 from pipeline.core.config import load
 from pipeline.sources.raw import RAW_SCHEMA
 

@@ -22,7 +22,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from pipeline.stages import ingest
-from pipeline.core.artifacts import parquet_files
+from pipeline.core.parquet import parquet_files
 from pipeline.core.config import load
 from tests.conftest import ROOT
 
