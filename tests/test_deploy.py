@@ -180,5 +180,5 @@ def test_deployments_run_through_a_server_and_a_process_worker(prefect_env, tmp_
         assert index["splits"]["train"]["tokens"] > 0
         assert {"tokenizer-summary", "shard-summary"} <= set(_artifacts(api, rebuild["id"]))
     finally:
-        _stop(worker)  # the worker before the server (DESIGN.md, Known pitfalls)
+        _stop(worker)  # the worker before the server, or the worker logs connection errors and hangs
         _stop(server)

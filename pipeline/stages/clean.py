@@ -1,6 +1,6 @@
 """Clean: raw documents -> extracted, normalised, filtered, deduplicated, decontaminated text.
 
-Four fan-outs through the executor, so local processes, Dask and Ray give the same bytes:
+Four fan-outs through the executor, so local processes and Dask give the same bytes:
 
 1. per raw shard: the configured steps (pipeline.filters.apply, pipeline.filters.steps),
    then the dedup signatures of the survivors, written per shard and per band
