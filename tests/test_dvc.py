@@ -239,3 +239,20 @@ def _status(repo) -> dict:
     proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout or "{}")
+
+
+def test_run_in_an_exported_tree_runs_every_stage_and_says_why(repo, tmp_path_factory):
+    """A release tarball or a downloaded zip: .dvc/ and dvc.yaml but no git, which DVC needs;
+    `run` builds everything without asking DVC, and says so."""
+    exported = tmp_path_factory.mktemp("exported") / "lm-pipeline"
+    shutil.copytree(repo, exported, ignore=shutil.ignore_patterns(
+        ".git", "data", "models", "reports", "runs", "cache", "tmp", "__pycache__", "dvc.lock"))
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(exported.parent)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run"], cwd=exported, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "not a git checkout" in log and "every requested stage runs" in log
+    assert "dvc status failed" not in log
+    assert (exported / "reports" / "metrics.json").is_file()
+    assert not (exported / "dvc.lock").exists()
