@@ -258,3 +258,109 @@ def test_run_on_a_locked_workspace_fails_before_any_stage(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+STOPPABLE = ["pretrain.max_steps=300", "pretrain.val_every=50", "pretrain.ckpt_every=10"]
+
+
+def _kill_when_checkpointed(root, min_step: int, sig: int, pid_of, timeout: float = 300) -> dict:
+    """In a thread: once a pretrain checkpoint of step >= min_step exists under `root`, send
+    `sig` to the process `pid_of()` names; returns what it saw."""
+    import os
+    import threading
+    import time
+
+    import torch
+
+    seen: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in Path(root, "runs", "pretrain").glob("*/checkpoints/step-*.ckpt"):
+                try:
+                    step = int(torch.load(p, map_location="cpu", weights_only=True)["global_step"])
+                except Exception:  # noqa: BLE001 - mid-write
+                    continue
+                pid = pid_of()
+                if step >= min_step and pid:
+                    seen.update(step=step, pid=pid)
+                    os.kill(pid, sig)
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    seen["thread"] = t
+    return seen
+
+
+def _training_child(root) -> int | None:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "-m pipeline pretrain" in cmd and f"paths.root={root}" in cmd:
+                return int(d.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_pretrain_task_that_fails_once_is_retried_and_resumes(prefect_server, tmp_path, monkeypatch):
+    """The training subprocess is stopped (SIGTERM) after a checkpoint; the flow's retry of the
+    task continues from that checkpoint, not from step 0."""
+    import pipeline.apps.flow as fb
+    from tests.fixtures import make_project
+
+    overrides = [*make_project(tmp_path), *STOPPABLE]
+    monkeypatch.setattr(fb.stage_task, "retry_delay_seconds", 0)
+    seen = _kill_when_checkpointed(tmp_path, 10, __import__("signal").SIGTERM, lambda: _training_child(tmp_path))
+    result = fb.build_model(overrides=overrides, stages=["pretrain"])
+    assert seen.get("step", 0) >= 10, "the first attempt was stopped"
+    assert result["pretrain"]["resumed_from_step"] >= seen["step"]
+    assert result["pretrain"]["steps"] == 300
+
+
+@pytest.mark.slow
+def test_run_stops_promptly_on_sigterm_and_the_same_command_resumes(tmp_path):
+    """`python -m pipeline run`, SIGTERMed while it trains: within seconds the training child has
+    checkpointed and exited, the temporary Prefect server is gone, the exit code is 143; the
+    same command then resumes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from tests.fixtures import make_project
+
+    overrides = [*make_project(tmp_path), *STOPPABLE]
+    cmd = [sys.executable, "-m", "pipeline", "run", "--stages", "pretrain", *overrides]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    seen = _kill_when_checkpointed(tmp_path, 10, signal.SIGTERM, lambda: proc.pid)
+    seen["thread"].join(600)
+    t0 = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    log = out.decode(errors="replace")
+    assert proc.returncode == 143, log[-3000:]
+    assert took < 30, f"took {took:.1f}s to stop"
+    assert "run stopped by SIGTERM" in log and "stopped by SIGTERM at step" in log
+    time.sleep(1)
+    assert _training_child(tmp_path) is None, "the training child is gone"
+    try:
+        os.killpg(proc.pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "nothing of the run (e.g. its Prefect server) is left in its process group"
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    summary = json.loads((tmp_path / "models" / "pretrain" / "_summary.json").read_text())
+    assert summary["resumed_from_step"] >= seen["step"] and summary["steps"] == 300

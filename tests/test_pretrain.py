@@ -147,21 +147,25 @@ def test_generate_from_run_is_deterministic_at_temperature_zero(trained):
 
 
 def test_resume_after_interruption_is_exact(project, trained):
-    """A run killed at step 20 (its temp dir left behind) resumes to the same weights."""
+    """A run that fails after step 20 keeps its run directory and resumes to the same weights."""
+    from pipeline.core.errors import TrainingFailed
+
     root, overrides = project
     cfg_a, _, _ = trained
     out = root / "models" / "resumed"
 
-    class Kill(L.Callback):
+    class Fail(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 20:  # last.ckpt of step 20 is on disk: "kill" here
-                shutil.copytree(trainer.default_root_dir, out.with_name("resumed.tmp-99999999"))
-                raise RuntimeError("simulated kill")
+            if trainer.global_step == 20:
+                raise RuntimeError("simulated failure")
 
     cfg = load([*overrides, f"paths.pretrain={out}"])
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        pretrain.run(cfg, callbacks=[Kill()])
+    with pytest.raises(TrainingFailed, match=r"pretrain failed during training: RuntimeError: simulated failure\. "
+                                             r"Checkpoints are kept in .*; resume with: python -m pipeline"):
+        pretrain.run(cfg, callbacks=[Fail()])
     assert not out.exists()
+    runs = list((root / "runs" / "pretrain").glob("resumed-*"))
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "step-00000020.ckpt").is_file()
     summary = pretrain.run(cfg)
     assert summary["resumed_from_step"] == 20 and summary["steps_this_run"] == 20 and summary["steps"] == 40
     a, _ = load_trained(cfg_a.paths.pretrain)
@@ -175,7 +179,7 @@ def test_resume_after_interruption_is_exact(project, trained):
     best_b = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
     assert best_a["global_step"] == best_b["global_step"], "the best checkpoint survives the resume"
     assert (out / "tensorboard").is_dir()
-    assert not list(out.parent.glob("resumed.tmp-*")), "the interrupted run's temp dir is cleaned up"
+    assert not runs[0].exists(), "the run directory goes once its output is published"
 
 
 @pytest.mark.slow

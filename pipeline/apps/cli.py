@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from pipeline.core.errors import PipelineError
@@ -24,7 +25,7 @@ def _usage() -> str:
         *(f"  {s.name:<10} {s.help}" for s in registry.STAGES),
         "",
         "other commands:",
-        "  run        run every stage in order through the Prefect flow `build-model`",
+        "  run        every stage in order through the Prefect flow `build-model`: run [--stages a,b] [--force]",
         "  shard --verify  check every token file against data/shards/index.json (exit 1 if any is corrupt)",
         "  generate   sample text, streamed: generate --prompt \"...\" [--max-new-tokens N] [--temperature T]",
         "             [--top-k K] [--top-p P] [--seed S] [--no-cache] [--model pretrain|finetune] | generate --chat",
@@ -66,6 +67,37 @@ def _load(overrides: list[str]):
     from pipeline.core.config import load
 
     return load(overrides)
+
+
+def _run(argv: list[str]) -> int:
+    """The flow, stopped cleanly by SIGTERM as by Ctrl-C: the training subprocess checkpoints,
+    the temporary Prefect server stops, and the exit code says which signal it was."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline run")
+    parser.add_argument("--stages", default=None, help="comma-separated subset, e.g. pretrain,finetune,eval")
+    parser.add_argument("--force", action="store_true", help="run the stages even when DVC says they are up to date")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    _prefect_env()
+    from pipeline.apps.flow import build_model
+
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        build_model(overrides=args.overrides, stages=stages, force=args.force)
+    except KeyboardInterrupt:
+        name = signal.Signals(received[0]).name if received else "SIGINT"
+        print(f"error: run stopped by {name}; a training stage's checkpoint is kept and the same command resumes it",
+              file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
 
 
 def _generate(argv: list[str]) -> int:
@@ -130,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if any(a in ("-h", "--help") for a in rest) and command not in ("generate", "export", "exp", "lineage", "dvc-yaml"):
+    if any(a in ("-h", "--help") for a in rest) and command not in ("run", "generate", "export", "exp", "lineage", "dvc-yaml"):
         print(_usage())
         return 0
     try:
@@ -152,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "inputs")}, default=str))
                 return 0
             if command == "run":
-                _prefect_env()
-                from pipeline.apps.flow import build_model
-
-                build_model(overrides=rest)
-                return 0
+                return _run(rest)
             if command == "generate":
                 return _generate(rest)
             if command == "export":
@@ -186,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError(f"config error: {_one_line(e)}") from e
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,21 +28,43 @@ def run_stage(stage: str, overrides: list[str] | tuple[str, ...] = (), timeout: 
     """Run one stage with the given Hydra overrides and return its summary.
 
     Holds the workspace lock of `paths.root` (re-entrant: the flow already holds it).
-    Training stages run as a subprocess (`launch_command`), killed after `timeout` seconds.
+    Training stages run as a subprocess (`launch_command`). When this process is stopped
+    (SIGTERM, Ctrl-C) or `timeout` seconds pass, the subprocess gets SIGTERM, saves a
+    checkpoint and exits; after `executor.stop_grace` seconds it is killed.
     """
     spec = registry.get(stage)
     cfg = load(overrides)
     with workspace_lock(cfg.paths.root, what=f"stage {stage}"):
         if spec.subprocess:
             cmd = launch_command(cfg, stage, list(overrides))
+            grace = float(cfg.executor.get("stop_grace", 120))
+            proc = subprocess.Popen(cmd, env=child_env(cfg.paths.root))
             try:
-                proc = subprocess.run(cmd, env=child_env(cfg.paths.root), timeout=timeout)
+                rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                stop_child(proc, grace)
                 raise PipelineError(f"stage {stage} timed out after {timeout:g}s: {shlex.join(cmd)}") from None
-            if proc.returncode != 0:
-                raise PipelineError(f"stage {stage} failed (exit {proc.returncode}): {shlex.join(cmd)}")
+            except BaseException:
+                stop_child(proc, grace)
+                raise
+            if rc != 0:
+                stopped = rc < 0 or rc in (128 + signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGUSR1)
+                why = " (stopped by a signal; its checkpoint is kept and a rerun resumes)" if stopped else ""
+                raise PipelineError(f"stage {stage} failed (exit {rc}){why}: {shlex.join(cmd)}")
             return read_json(Path(cfg.paths[spec.output]) / SUMMARY)
         return stage_module(stage).run(cfg)
+
+
+def stop_child(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM (a training stage saves a checkpoint and exits), then SIGKILL after `grace` s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stage_module(name: str):

@@ -35,18 +35,14 @@ from pipeline.model.runs import (
 from pipeline.tokenize.special import PAD
 from pipeline.training import sft_data
 from pipeline.training.lightning import LitGPT, RowsDataModule
-from pipeline.training.runs import finish_run
+from pipeline.training.runs import finish_run, train_and_publish
 from pipeline.training.trainer import (
-    cleanup_stale,
-    find_resume,
-    fit,
-    is_rank_zero,
-    output_dir,
     setup_torch,
 )
 
 METHODS = ("full", "lora")
-_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard", "peak_flops")
+_VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard", "peak_flops",
+             "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue")
 
 
 def run(cfg, callbacks: tuple = ()) -> dict:
@@ -112,37 +108,32 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         pad if pad is not None else 0,
     )
 
-    summary: dict = {"stage": "finetune"}
-    with output_dir(out) as work:
+    def publish(work: Path, result: dict) -> dict:
         sft_data.write_jsonl(work / "sft" / "train.jsonl", train_pairs)
         sft_data.write_jsonl(work / "sft" / "heldout.jsonl", held_pairs)
-        resume = find_resume(out, fp, max_steps) if tc.get("resume", True) else None
-        result = fit(module, dm, work, tc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
-        if is_rank_zero():
-            inputs = {"pretrain": pre_dir}
-            if info["kind"] == "file":
-                inputs["data"] = Path(info["path"])
-            else:
-                inputs["clean"] = Path(cfg.paths.clean)
-            answer_tokens = sum(sum(1 for t in row[1] if t != sft_data.IGNORE) for row in train_rows)
-            final = merged(module.model) if lora else module.model
-            summary = finish_run(
-                work, final, tokenizer, Path(meta["tokenizer"]), "finetune", cfg, timer, result,
-                inputs=inputs, batch_size=int(fc.batch_size),
-                extra={
-                    "pairs": info,
-                    "train_rows": len(train_rows),
-                    "heldout_rows": len(val_rows),
-                    "train_answer_tokens": answer_tokens,
-                    "packing": packing,
-                    "method": method,
-                    "lora": lora,
-                    "trainable_params": trainable_params(module.model),
-                    "overlong": overlong,
-                    "length": length,
-                    "base_steps": meta.get("steps"),
-                },
-            )
-    if is_rank_zero():
-        cleanup_stale(out)
-    return summary
+        inputs = {"pretrain": pre_dir}
+        if info["kind"] == "file":
+            inputs["data"] = Path(info["path"])
+        else:
+            inputs["clean"] = Path(cfg.paths.clean)
+        answer_tokens = sum(sum(1 for t in row[1] if t != sft_data.IGNORE) for row in train_rows)
+        final = merged(module.model) if lora else module.model
+        return finish_run(
+            work, final, tokenizer, Path(meta["tokenizer"]), "finetune", cfg, timer, result,
+            inputs=inputs, batch_size=int(fc.batch_size),
+            extra={
+                "pairs": info,
+                "train_rows": len(train_rows),
+                "heldout_rows": len(val_rows),
+                "train_answer_tokens": answer_tokens,
+                "packing": packing,
+                "method": method,
+                "lora": lora,
+                "trainable_params": trainable_params(module.model),
+                "overlong": overlong,
+                "length": length,
+                "base_steps": meta.get("steps"),
+            },
+        )
+
+    return train_and_publish("finetune", cfg.paths.runs, out, fp, module, dm, tc, max_steps, publish, callbacks)

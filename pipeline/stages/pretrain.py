@@ -27,19 +27,14 @@ from pipeline.tokenize.bpe import load as load_tokenizer
 from pipeline.tokenize.bpe import token_byte_lengths
 from pipeline.tokenize.shards import read_index
 from pipeline.training.lightning import LitGPT, ShardDataModule
-from pipeline.training.runs import finish_run
+from pipeline.training.runs import finish_run, train_and_publish
 from pipeline.training.trainer import (
-    cleanup_stale,
-    find_resume,
-    fit,
-    is_rank_zero,
-    output_dir,
     setup_torch,
 )
 
 # keys that change how long or how loudly a run goes, not what it computes
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard",
-             "peak_flops")
+             "peak_flops", "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue")
 
 
 def fingerprint(cfg, index: dict) -> str:
@@ -106,22 +101,17 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     )
     module.model.load_state_dict(model.state_dict())
 
-    summary: dict = {"stage": "pretrain"}
-    with output_dir(out) as work:
-        resume = find_resume(out, fp, max_steps) if pc.get("resume", True) else None
-        result = fit(module, dm, work, tc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
-        if is_rank_zero():
-            summary = finish_run(
-                work, module.model, tokenizer, tok_dir / "tokenizer.json", "pretrain", cfg, timer, result,
-                inputs={"shards": shards_dir, "tokenizer": tok_dir},
-                batch_size=int(pc.batch_size), block_size=block_size,
-                extra={"objective": objective, "model_kind": kind,
-                       "train_tokens": int(index["splits"]["train"].get("tokens", 0)),
-                       "val_tokens": int(index["splits"].get("val", {}).get("tokens", 0))},
-            )
-    if is_rank_zero():
-        cleanup_stale(out)
-    return summary
+    def publish(work: Path, result: dict) -> dict:
+        return finish_run(
+            work, module.model, tokenizer, tok_dir / "tokenizer.json", "pretrain", cfg, timer, result,
+            inputs={"shards": shards_dir, "tokenizer": tok_dir},
+            batch_size=int(pc.batch_size), block_size=block_size,
+            extra={"objective": objective, "model_kind": kind,
+                   "train_tokens": int(index["splits"]["train"].get("tokens", 0)),
+                   "val_tokens": int(index["splits"].get("val", {}).get("tokens", 0))},
+        )
+
+    return train_and_publish("pretrain", cfg.paths.runs, out, fp, module, dm, tc, max_steps, publish, callbacks)
 
 
 def _token_bytes(tokenizer, vocab: int) -> torch.Tensor:

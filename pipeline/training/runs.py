@@ -1,18 +1,91 @@
-"""Finishing a training run: meta.json, the tokenizer, the `hf/` export and the summary,
-shared by pretraining and fine-tuning.
+"""A training stage's run from start to published output, shared by pretraining and
+fine-tuning: train in the durable run directory, then publish checkpoints, metrics,
+meta.json, the tokenizer, the `hf/` export and the summary atomically.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-from pipeline.core.artifacts import write_summary
+from pipeline.core.artifacts import atomic_dir, write_summary
+from pipeline.core.errors import PipelineError, TrainingFailed, TrainingStopped
 from pipeline.model.gpt import GPTConfig
 from pipeline.model.hf import export_hf
-from pipeline.training.trainer import (
-    write_meta,
+from pipeline.model.runs import CKPT
+from pipeline.training.checkpoints import (
+    agreed_resume,
+    find_resume,
+    link_or_copy,
+    newest_checkpoint,
+    resume_command,
+    run_dir,
 )
+from pipeline.training.trainer import BEST, TENSORBOARD, fit, is_rank_zero, write_meta
+
+
+def train_and_publish(stage: str, runs_root, out: Path, fingerprint: str, module, datamodule, tc: dict,
+                      max_steps: int, publish, callbacks: tuple = ()) -> dict:
+    """Train `module` in its run directory under `<runs_root>/<stage>/`, resuming from its newest valid
+    checkpoint, then (rank 0) publish `out` atomically with `publish(work, result) -> summary`
+    writing what the stage adds. The run directory is removed only once `out` is published:
+    a stop, a crash or a failing export leaves it, and the same command continues from it."""
+    run = run_dir(runs_root, stage, fingerprint, out)
+    rank_zero = is_rank_zero()
+    if tc.get("resume", True):
+        resume = find_resume(run, out, fingerprint, max_steps) if rank_zero else None
+        resume = agreed_resume(resume, run, rank_zero, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    else:
+        resume = None
+        if rank_zero:
+            shutil.rmtree(run, ignore_errors=True)
+    try:
+        result = fit(module, datamodule, run, tc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
+    except (TrainingStopped, PipelineError):
+        raise
+    except Exception as e:
+        raise TrainingFailed(
+            f"{stage} failed during training: {type(e).__name__}: {_first_line(e)}. Checkpoints are kept in "
+            f"{run / 'checkpoints'}; resume with: {resume_command()}") from e
+    if not rank_zero:
+        return {"stage": stage}
+    try:
+        with atomic_dir(out) as work:
+            _publish_training(run, work)
+            summary = publish(work, result)
+    except (TrainingStopped, PipelineError):
+        raise
+    except Exception as e:
+        raise TrainingFailed(
+            f"{stage} trained to step {result['steps']} but publishing {out} failed: {type(e).__name__}: "
+            f"{_first_line(e)}. The run is kept in {run}; resume with: {resume_command()}") from e
+    shutil.rmtree(run, ignore_errors=True)
+    return summary
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _publish_training(run: Path, work: Path) -> None:
+    """The finished state as `checkpoints/last.ckpt`, the best one, the metrics and the
+    TensorBoard events, linked (not copied) where the filesystem allows."""
+    newest = newest_checkpoint(run)
+    if newest is None:
+        raise TrainingFailed(f"no checkpoint in {run / 'checkpoints'} to publish")
+    link_or_copy(newest, work / CKPT)
+    if (run / BEST).is_file():
+        link_or_copy(run / BEST, work / BEST)
+    if (run / "metrics.csv").is_file():
+        shutil.copyfile(run / "metrics.csv", work / "metrics.csv")
+    if (run / TENSORBOARD).is_dir():
+        shutil.copytree(run / TENSORBOARD, work / TENSORBOARD, copy_function=_link_or_copy_str)
+
+
+def _link_or_copy_str(src: str, dst: str) -> None:
+    link_or_copy(Path(src), Path(dst))
 
 
 def not_exportable(model) -> str | None:

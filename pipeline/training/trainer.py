@@ -1,23 +1,18 @@
 """Shared training plumbing for the pretrain and finetune stages.
 
-One `fit()` builds the Lightning Trainer from a stage's config (accelerator, devices,
+One `fit()` builds the Lightning Trainer from a stage's settings (accelerator, devices,
 strategy, precision, max_steps, max_time come straight from YAML, so a GPU or DDP run is
-a config change), trains with a `CSVLogger` and a `ModelCheckpoint`, and leaves the run
-directory in the documented layout. `find_resume()` finds a checkpoint of an interrupted
-run with the same fingerprint (output dir or a leftover temp dir), so a retried stage
-continues where it stopped instead of starting over.
+a config change), trains in the run directory with a `CSVLogger` and durable checkpoints
+(`pipeline.training.checkpoints`), and leaves it in the documented layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -25,8 +20,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from pipeline.core.artifacts import atomic_dir, write_json
-from pipeline.model.runs import CKPT, META
+from pipeline.core.artifacts import write_json
+from pipeline.model.runs import META
+from pipeline.training.checkpoints import RESUME_ENV, DurableCheckpoints
 from pipeline.training.lightning import DataDigest, Throughput, flops_per_token
 
 METRIC_COLUMNS = ["step", "train_loss", "val_loss", "lr"]  # Lightning's `epoch` is dropped: training is step-based
@@ -64,17 +60,6 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0) or 0) == 0 and int(os.environ.get("NODE_RANK", 0) or 0) == 0
 
 
-@contextlib.contextmanager
-def output_dir(out: Path) -> Iterator[Path]:
-    """Rank 0 writes `out` atomically; other DDP ranks get a throwaway dir (they write nothing)."""
-    if is_rank_zero():
-        with atomic_dir(out) as work:
-            yield work
-    else:
-        with tempfile.TemporaryDirectory(prefix=f"{Path(out).name}-rank") as work:
-            yield Path(work)
-
-
 def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -97,56 +82,6 @@ def setup_torch(tc) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ GPUs; no effect on CPU
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def find_resume(out: Path, fingerprint: str, max_steps: int) -> dict | None:
-    """The most advanced `last.ckpt` of an unfinished run with this fingerprint, if any.
-
-    Looks in the output dir and in temp dirs left by killed runs (`<out>.tmp-<pid>`, pid dead).
-    """
-    out = Path(out)
-    candidates = [out]
-    for tmp in sorted(out.parent.glob(f"{out.name}.tmp-*")):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            candidates.append(tmp)
-    best = None
-    for run_dir in candidates:
-        path = run_dir / CKPT
-        if not path.is_file():
-            continue
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # a checkpoint cut off mid-write is simply not a candidate
-            continue
-        hp = ckpt.get("hyper_parameters", {})
-        step = int(ckpt.get("global_step", 0))
-        if hp.get("fingerprint") != fingerprint or not 0 < step < max_steps:
-            continue
-        if best is None or step > best["step"]:
-            best = {"ckpt": path, "step": step, "run_dir": run_dir}
-    return best
-
-
-def cleanup_stale(out: Path) -> None:
-    """Remove temp dirs of dead runs of this stage (after a successful run superseded them)."""
-    out = Path(out)
-    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -193,16 +128,26 @@ def _logged_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _previous_rows(resume: dict | None) -> list[dict]:
-    """The interrupted run's history up to the step this run took over from."""
+HISTORY = "history.csv"
+
+
+def _carry_history(work: Path, resume: dict | None) -> list[dict]:
+    """The metrics of earlier attempts up to the step this one continues from, kept in
+    `history.csv` of the run directory (each attempt's own log restarts from there)."""
+    work = Path(work)
     if not resume:
+        (work / HISTORY).unlink(missing_ok=True)
+        shutil.rmtree(work / "logs", ignore_errors=True)
         return []
-    run_dir, step = Path(resume["run_dir"]), resume["step"]
-    if (run_dir / "metrics.csv").is_file():  # a finished (e.g. time-capped) output
-        rows = read_metrics(run_dir / "metrics.csv")
-    else:  # a killed run's temp dir: Lightning's log, flushed at every checkpoint
-        rows = _logged_rows(run_dir / "logs" / "metrics.csv")
-    return [r for r in rows if r.get("step", 0) < step or ("val_loss" in r and r.get("step", 0) == step)]
+    step, src = resume["step"], Path(resume["run_dir"])
+    if src != work and (src / "metrics.csv").is_file():  # a finished (e.g. time-capped) output
+        rows = read_metrics(src / "metrics.csv")
+    else:  # this run directory: earlier attempts' history, then the last attempt's log
+        rows = read_metrics(work / HISTORY) + _logged_rows(work / "logs" / "metrics.csv")
+    rows = [r for r in rows if r.get("step", 0) < step or ("val_loss" in r and r.get("step", 0) == step)]
+    write_metrics(rows, work / HISTORY)
+    shutil.rmtree(work / "logs", ignore_errors=True)
+    return rows
 
 
 def fit(
@@ -215,8 +160,8 @@ def fit(
     resume: dict | None = None,
     callbacks: tuple = (),
 ) -> dict:
-    """Train into `work` (checkpoints/last.ckpt and best.ckpt, metrics.csv, tensorboard/);
-    returns what the summary reports.
+    """Train in the run directory `work` (checkpoints/step-N.ckpt and best.ckpt, metrics.csv,
+    tensorboard/), resuming from `resume`; returns what the summary reports.
 
     `tc.accumulate` micro-batches of `batch_size` make one optimizer step; steps, validation,
     logging and checkpoints all count optimizer steps."""
@@ -229,7 +174,10 @@ def fit(
     datamodule.accumulate = accumulate
     has_val = datamodule.has_val()
     (work / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if resume:  # carry the interrupted run's best checkpoint and TensorBoard events over
+    history: list[dict] = []
+    if is_rank_zero():
+        history = _carry_history(work, resume)
+    if resume and Path(resume["run_dir"]) != work:  # continuing a published run: its best and events too
         old = Path(resume["run_dir"])
         if (old / BEST).is_file() and not (work / BEST).exists():
             shutil.copyfile(old / BEST, work / BEST)
@@ -240,18 +188,10 @@ def fit(
     throughput = Throughput(tokens_per_step, flops_per_token(module.model), float(peak) if peak else None, log_every)
     digest = DataDigest()
     datamodule.digest = digest
-    cbs = [
-        ModelCheckpoint(
-            dirpath=work / "checkpoints",
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=ckpt_every,
-            save_on_train_epoch_end=False,
-            enable_version_counter=False,
-        ),
-        throughput,
-        *callbacks,
-    ]
+    durable = DurableCheckpoints(work / "checkpoints", ckpt_every, float(tc.get("ckpt_every_minutes", 0) or 0),
+                                 int(tc.get("keep_checkpoints", 2) or 2), str(module.hparams.get("stage", "training")),
+                                 slurm_requeue=bool(tc.get("slurm_requeue", True)))
+    cbs = [durable, throughput, *callbacks]
     if has_val:
         cbs.insert(1, BestCheckpoint(dirpath=work / "checkpoints", filename="best", monitor="val_loss", mode="min",
                                      save_top_k=1, save_last=False, save_on_train_epoch_end=False,
@@ -288,7 +228,13 @@ def fit(
         use_distributed_sampler=False,
         benchmark=False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume["ckpt"]) if resume else None)
+    if is_rank_zero():  # the ranks Lightning launches from here resume from rank 0's choice
+        os.environ[RESUME_ENV] = str(resume["ckpt"]) if resume else ""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume["ckpt"]) if resume else None)
+    finally:
+        if is_rank_zero():
+            os.environ.pop(RESUME_ENV, None)
 
     step = int(trainer.global_step)
     # validation ran at every multiple of val_every; a run that stopped elsewhere (max_time,
@@ -301,12 +247,11 @@ def fit(
     for r in rows:  # `validate` logs one past the last step
         if "val_loss" in r and r["step"] > step:
             r["step"] = step
-    trainer.save_checkpoint(work / CKPT)  # the final state, whatever step the run stopped at
+    durable.save(trainer)  # the final state, whatever step the run stopped at
 
     if trainer.is_global_zero:
-        rows = _previous_rows(resume) + rows
+        rows = history + rows
         write_metrics(rows, work / "metrics.csv")
-        shutil.rmtree(work / "logs", ignore_errors=True)
 
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     bpbs = [r["val_bpb"] for r in rows if "val_bpb" in r]

@@ -91,14 +91,16 @@ def test_a_malicious_checkpoint_is_refused_by_the_cli(tmp_path):
 
 
 def test_resume_never_unpickles_a_planted_checkpoint(tmp_path):
-    from pipeline.training.trainer import find_resume
+    """A pickle planted where resume looks (the run directory, and the published output) is
+    never executed: candidates load with weights_only=True and a failure just skips them."""
+    from pipeline.training.checkpoints import find_resume, run_dir
 
     marker = tmp_path / "pwned"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True).stdout.strip()
     out = tmp_path / "models" / "pretrain"
-    evil_checkpoint(out.with_name(f"pretrain.tmp-{dead}") / "checkpoints" / "last.ckpt", marker)
-    find_resume(out, "x", 100)
+    run = run_dir(tmp_path / "runs", "pretrain", "x" * 64, out)
+    evil_checkpoint(run / "checkpoints" / "step-00000050.ckpt", marker)
+    evil_checkpoint(out / "checkpoints" / "last.ckpt", marker)
+    assert find_resume(run, out, "x" * 64, 100) is None
     assert not marker.exists()
 
 
