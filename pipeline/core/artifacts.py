@@ -86,8 +86,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a fresh temp dir beside ``out``; on success it replaces ``out`` in one rename.
 
     A run killed between its two renames leaves ``out`` missing and the previous output in
-    ``<out>.old-<pid>``: the next run puts it back first. Temp dirs of killed runs are left
-    alone until a run succeeds (training resumes from them), then removed.
+    ``<out>.old-<pid>``: the next run puts it back first. Temp dirs of killed runs are
+    removed by the next success; nothing worth keeping lives in them (training keeps its
+    checkpoints in its run directory, `pipeline.training.checkpoints`).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

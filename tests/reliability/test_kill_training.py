@@ -127,7 +127,7 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(project, reference):
 
 
 @pytest.mark.parametrize("stage,sig", [("pretrain", signal.SIGTERM), ("pretrain", signal.SIGINT),
-                                       ("finetune", signal.SIGTERM)])
+                                       ("finetune", signal.SIGTERM), ("finetune", signal.SIGINT)])
 def test_a_signal_checkpoints_the_current_step_exits_non_zero_and_the_rerun_resumes(project, reference, stage, sig):
     root, overrides = project
     name = f"{signal.Signals(sig).name.lower()}_{stage}"
