@@ -220,10 +220,10 @@ def test_disconnected_client_frees_its_slot(client, server):
     deadline = time.time() + 30
     while time.time() < deadline:
         h = httpx.get(f"{server}/health").json()
-        if h["active"] is None and h["queued"] == 0:
+        if h["running"] == 0 and h["queued"] == 0:
             break
         time.sleep(0.1)
-    assert h["active"] is None and h["queued"] == 0
+    assert h["running"] == 0 and h["queued"] == 0
     assert _chat(client, "next", max_tokens=4, temperature=0).choices[0].finish_reason in ("length", "stop")
 
 

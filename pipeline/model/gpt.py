@@ -146,6 +146,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and "slot_k" in cache:  # batched decoding: one new token per row
+            rows, pos = torch.arange(B, device=x.device), cache["pos"]
+            cache["slot_k"][rows, :, pos] = k[:, :, 0]
+            cache["slot_v"][rows, :, pos] = v[:, :, 0]
+            y = F.scaled_dot_product_attention(q, cache["slot_k"], cache["slot_v"], attn_mask=cache["mask"])
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if cache is not None:  # incremental decoding: append this step's keys/values
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)
@@ -230,18 +236,21 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, caches: list[dict] | None = None, offset: int = 0,
-        segments: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LongTensor [B, T] -> logits [B, T, vocab].
 
         `caches` (one dict per layer) enables KV caching, `offset` is the position of
         idx[:, 0]. `segments` [B, T] (example index per token, for packed rows) restricts
         attention to the token's own example and restarts positions at each example.
+        `positions` [B, T] gives each row its own positions: batched decoding, where each
+        layer's cache holds preallocated per-row slots (`slot_k`, `slot_v` [B, heads, block,
+        head_dim], the write position `pos` [B] and the attention `mask` [B, 1, 1, block]).
         """
         T = idx.shape[1]
         if offset + T > self.cfg.block_size:
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.cfg.block_size}")
-        positions = mask = None
+        mask = None
         if segments is not None:
             if caches is not None:
                 raise ValueError("segments (packed rows) cannot be combined with a KV cache")

@@ -2,7 +2,9 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``stream=true`` as server-sent events, ending in ``data: [DONE]``), ``GET /v1/models``,
-``GET /health`` and the chat page at ``/``. Errors use OpenAI's shape,
+``GET /health``, ``GET /metrics`` (Prometheus) and the chat page at ``/``. With an API key
+(``serve.api_key`` or ``$PIPELINE_SERVE_API_KEY``) every ``/v1`` request needs
+``Authorization: Bearer <key>``, else 401. Errors use OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``, so the official client raises its
 usual exceptions (BadRequestError, NotFoundError, ...).
 """
@@ -10,19 +12,22 @@ usual exceptions (BadRequestError, NotFoundError, ...).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import time
 import uuid
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.apps.serve.chat_page import PAGE
-from pipeline.apps.serve.engine import DONE, Engine, Job, QueueFull
+from pipeline.apps.serve.engine import DONE, Job, QueueFull
+from pipeline.apps.serve.metrics import CONTENT_TYPE, ServeMetrics
 from pipeline.tokenize.special import render_chat
 
 
@@ -51,7 +56,11 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
     n: int = Field(default=1, ge=1, le=1)
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     @field_validator("stop")
     @classmethod
@@ -87,9 +96,15 @@ class CompletionRequest(_Sampling):
 # ------------------------------------------------------------------ the app
 
 
-def create_app(engine: Engine, sc, seed: int = 0) -> FastAPI:
-    """``sc`` is the ``serve`` config group (model_name, defaults, limits)."""
+API_KEY_ENV = "PIPELINE_SERVE_API_KEY"
+
+
+def create_app(engine, sc, seed: int = 0, metrics: ServeMetrics | None = None) -> FastAPI:
+    """``engine``: an ``Engine`` or ``BatchEngine``; ``sc`` the ``serve`` config group
+    (model_name, defaults, limits, api_key)."""
     app = FastAPI(title="pipeline model server", docs_url=None, redoc_url=None)
+    metrics = metrics or getattr(engine, "metrics", None) or ServeMetrics()
+    api_key = str(sc.get("api_key") or os.environ.get(API_KEY_ENV) or "")
     model_name = str(sc.model_name)
     created = int(time.time())
     max_body = int(sc.max_body_bytes)
@@ -116,6 +131,16 @@ def create_app(engine: Engine, sc, seed: int = 0) -> FastAPI:
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), api_key.encode()):
+                return _error(401, "Incorrect API key provided: send it as `Authorization: Bearer <key>`",
+                              "invalid_request_error", code="invalid_api_key")
+        return await call_next(request)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
@@ -204,6 +229,10 @@ def create_app(engine: Engine, sc, seed: int = 0) -> FastAPI:
     async def health():
         return {"status": "ok", "model": model_name, "block_size": engine.block_size, **engine.status()}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -234,6 +263,9 @@ def create_app(engine: Engine, sc, seed: int = 0) -> FastAPI:
                 async for piece in _pieces(job):
                     yield chunk({"content": piece})
                 yield chunk({}, job.finish_reason)
+                if req.include_usage():
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                               "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled.set()  # a client that went away frees the worker at the next token
@@ -262,6 +294,11 @@ def create_app(engine: Engine, sc, seed: int = 0) -> FastAPI:
                 async for piece in _pieces(job):
                     yield chunk(piece)
                 yield chunk("", job.finish_reason)
+                if req.include_usage():
+                    yield sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                               "choices": [], "usage": {"prompt_tokens": len(ids),
+                                                        "completion_tokens": job.completion_tokens,
+                                                        "total_tokens": len(ids) + job.completion_tokens}})
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled.set()
@@ -272,10 +309,19 @@ def create_app(engine: Engine, sc, seed: int = 0) -> FastAPI:
 
 
 async def _pieces(job: Job):
+    """The job's text as it comes; pieces that are already waiting go out as one event (a slow
+    reader gets fewer, larger chunks instead of falling behind)."""
     while True:
         item = await job.out.get()
+        text = []
+        while isinstance(item, str):
+            text.append(item)
+            if job.out.empty():
+                break
+            item = job.out.get_nowait()
+        if text:
+            yield "".join(text)
         if item is DONE:
             return
         if isinstance(item, Exception):
             raise item
-        yield item

@@ -77,12 +77,19 @@ document.getElementById("form").addEventListener("submit", async (e) => {
   let tokens = 0, first = null, answer = "";
   const t0 = performance.now();
   try {
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"},
+    const ask = () => fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: Object.assign({"Content-Type": "application/json"},
+                             localStorage.getItem("apiKey") ? {"Authorization": "Bearer " + localStorage.getItem("apiKey")} : {}),
       body: JSON.stringify({model, messages: history, stream: true,
                             temperature: parseFloat(document.getElementById("temperature").value),
                             max_tokens: parseInt(document.getElementById("max-tokens").value, 10)}),
     });
+    let resp = await ask();
+    if (resp.status === 401) {  // the server has an API key: ask for it once, keep it in this browser
+      const key = window.prompt("This server needs an API key");
+      if (key) { localStorage.setItem("apiKey", key); resp = await ask(); }
+    }
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({error: {message: resp.statusText}}));
       throw new Error(err.error ? err.error.message : resp.statusText);

@@ -3,9 +3,10 @@
 A small CPU/GPU model generates fastest one sequence at a time, and a single worker makes
 the guarantee trivial: no request's tokens can leak into another's output. Requests wait
 in a bounded queue (full -> the API answers 429); a request whose client went away is
-cancelled between two tokens, so its slot is freed at once. Text is streamed with
-``pipeline.model.sampling.stream_text``: pieces never split a UTF-8 character, and joined they
-equal the final decode, so a streamed answer is identical to the non-streamed one.
+cancelled between two tokens, so its slot is freed at once. Text goes out through
+``TextOut``: pieces never split a UTF-8 character, and joined they equal the final decode, so
+a streamed answer is identical to the non-streamed one. ``serve.batching=true`` (the default)
+uses ``batching.BatchEngine`` instead; this engine is the one-at-a-time reference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pipeline.model.sampling import encode_prompt, iter_ids, stream_text, token_id
+from pipeline.model.sampling import encode_prompt, iter_ids, token_id
 from pipeline.tokenize.special import ASSISTANT, END, EOT, PAD, SYSTEM, USER
 
 
@@ -42,8 +43,19 @@ class Job:
     finish_reason: str | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
+    outbox: list | None = None  # set by a batching worker: items leave once per step, not once per token
+
     def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        if self.outbox is not None:
+            self.outbox.append((self, item))
+        else:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+def deliver(items: list) -> None:
+    """On the event loop: hand a step's items to their requests' queues."""
+    for job, item in items:
+        job.out.put_nowait(item)
 
 
 DONE = object()
@@ -53,8 +65,9 @@ class Engine:
     """Owns the model and tokenizer; ``submit`` returns a Job whose ``out`` queue yields text
     pieces then ``DONE`` (or an Exception)."""
 
-    def __init__(self, model, tokenizer, meta: dict, max_queue: int = 16) -> None:
+    def __init__(self, model, tokenizer, meta: dict, max_queue: int = 16, metrics=None) -> None:
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
+        self.metrics = metrics
         self.block_size = int(model.cfg.block_size)
         eot = token_id(tokenizer, EOT)
         # the answer ends at <|end|> / <|endoftext|>, and also where the model starts another turn
@@ -82,8 +95,9 @@ class Engine:
         return job
 
     def status(self) -> dict:
-        return {"queued": self.jobs.qsize(), "active": self.active.id if self.active else None,
-                "served": self.served, "max_queue": self.jobs.maxsize}
+        return {"queued": self.jobs.qsize(), "running": int(self.active is not None), "max_batch": 1,
+                "active": [self.active.id] if self.active else [], "served": self.served,
+                "max_queue": self.jobs.maxsize, "batching": False}
 
     # -------------------------------------------------------------- worker side
 
@@ -93,44 +107,90 @@ class Engine:
             if job.cancelled.is_set():
                 continue
             self.active = job
+            if self.metrics is not None:
+                self.metrics.gauges(self.jobs.qsize(), 1)
             try:
                 self._run(job)
                 job.emit(DONE)
+                if self.metrics is not None:
+                    self.metrics.finished(time.perf_counter() - job.enqueued, job.finish_reason)
             except Exception as e:  # noqa: BLE001 - reported to the waiting request, the worker lives on
                 job.emit(e)
             finally:
                 self.active = None
                 self.served += 1
+                if self.metrics is not None:
+                    self.metrics.gauges(self.jobs.qsize(), 0)
 
     def _run(self, job: Job) -> None:
+        out = TextOut(job, self.tokenizer)
         ids = iter_ids(self.model, job.ids, job.max_tokens, job.temperature, job.top_k, job.seed,
                        self.stop_ids, job.top_p)
+        for i in ids:
+            if self.metrics is not None:
+                if job.completion_tokens == 0:
+                    self.metrics.first_token(time.perf_counter() - job.enqueued)
+                self.metrics.tokens(1)
+            if job.cancelled.is_set():
+                job.finish_reason = "cancelled"
+                break
+            if out.push(i):
+                break
+        ids.close()
+        out.close()
 
-        def counted():
-            for i in ids:
-                if job.cancelled.is_set():
-                    job.finish_reason = "cancelled"
+
+class TextOut:
+    """A job's token ids in, its text out: pieces never split a UTF-8 character (byte-level
+    tokens can), a stop string ends the answer and is never sent, and the start of a possible
+    stop string is held back until it is decided. Joined, the pieces equal the final decode."""
+
+    def __init__(self, job: Job, tokenizer) -> None:
+        self.job, self.tokenizer = job, tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, token: int) -> bool:
+        """Add one generated token; True when the answer is complete (a stop string)."""
+        self.ids.append(int(token))
+        self.job.completion_tokens += 1
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return False
+        self.text = text
+        hits = [text.find(s) for s in self.job.stop if s and s in text]
+        if hits:  # a stop string completed: send what precedes it, never the string itself
+            cut = min(hits)
+            if cut > self.emitted:
+                self.job.emit(text[self.emitted:cut])
+            self.emitted = len(text)
+            self.job.finish_reason = "stop"
+            return True
+        safe = len(text) - _stop_prefix_len(text, self.job.stop)
+        if safe > self.emitted:
+            self.job.emit(text[self.emitted:safe])
+            self.emitted = safe
+        return False
+
+    def close(self) -> None:
+        """The answer ended (a stop token, max_tokens, a cancel): send what was held back."""
+        job = self.job
+        if job.finish_reason != "stop":
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if text != self.text and text.startswith(self.text):  # the last character, even if incomplete
+                self.text = text
+                hits = [text.find(s) for s in job.stop if s and s in text]
+                if hits:
+                    cut = min(hits)
+                    if cut > self.emitted:
+                        job.emit(text[self.emitted:cut])
+                    self.emitted = len(text)
+                    job.finish_reason = "stop"
                     return
-                job.completion_tokens += 1
-                yield i
-
-        text, emitted = "", 0
-        for piece in stream_text(self.tokenizer, counted()):
-            text += piece
-            hits = [text.find(s) for s in job.stop if s and s in text]
-            if hits:  # a stop string completed: send what precedes it, never the string itself
-                cut = min(hits)
-                if cut > emitted:
-                    job.emit(text[emitted:cut])
-                job.finish_reason = "stop"
-                ids.close()
-                return
-            safe = len(text) - _stop_prefix_len(text, job.stop)  # hold back a possible stop's start
-            if safe > emitted:
-                job.emit(text[emitted:safe])
-                emitted = safe
-        if len(text) > emitted:
-            job.emit(text[emitted:])
+            if len(self.text) > self.emitted:
+                job.emit(self.text[self.emitted:])
+                self.emitted = len(self.text)
         if job.finish_reason is None:
             job.finish_reason = "length" if job.completion_tokens >= job.max_tokens else "stop"
 

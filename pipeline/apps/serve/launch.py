@@ -1,12 +1,14 @@
 """`python -m pipeline serve`: the trained model behind an OpenAI-compatible API and a chat page.
 
-Loads the model chosen by ``serve.model`` once, starts one generation worker
-(``engine.Engine``) and serves ``app.create_app`` with uvicorn on ``serve.host:port``
+Loads the model chosen by ``serve.model`` once, starts the generation worker (continuous
+batching, ``batching.BatchEngine``; ``serve.batching=false``: one request at a time,
+``engine.Engine``) and serves ``app.create_app`` with uvicorn on ``serve.host:port``
 (loopback by default). Not a pipeline stage: it reads a run directory, writes nothing.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
@@ -38,16 +40,28 @@ def load_model(cfg):
         model, meta = load_trained(run_dir)
         require_causal_gpt(model, run_dir, "serving")
         tokenizer = load_run_tokenizer(run_dir, meta, cfg)
+    threads = str(sc.get("threads", "auto"))
+    if device == "cpu":  # leave a core to the HTTP event loop: it streams every token
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1) if threads == "auto" else max(1, int(threads)))
     return model.to(device).eval(), tokenizer, meta
 
 
 def build_app(cfg):
     from pipeline.apps.serve.app import create_app
+    from pipeline.apps.serve.batching import BatchEngine
     from pipeline.apps.serve.engine import Engine
+    from pipeline.apps.serve.metrics import ServeMetrics
 
     model, tokenizer, meta = load_model(cfg)
-    engine = Engine(model, tokenizer, meta, max_queue=int(cfg.serve.max_queue))
-    return create_app(engine, cfg.serve, seed=int(cfg.seed)), engine, meta
+    sc = cfg.serve
+    metrics = ServeMetrics()
+    if bool(sc.batching):
+        engine = BatchEngine(model, tokenizer, meta, max_queue=int(sc.max_queue), max_batch=int(sc.max_batch),
+                             max_tokens_in_flight=int(sc.max_tokens_in_flight or 0),
+                             prefill_tokens_per_step=int(sc.prefill_tokens_per_step), metrics=metrics)
+    else:
+        engine = Engine(model, tokenizer, meta, max_queue=int(sc.max_queue), metrics=metrics)
+    return create_app(engine, sc, seed=int(cfg.seed), metrics=metrics), engine, meta
 
 
 def run(cfg) -> dict:
