@@ -79,3 +79,18 @@ def make_project(root: Path, modules=MODULES, vocab_size: int = 512, n_val: int 
     tokenizer.run(cfg)  # the real stages, so fixtures cannot drift from the data contracts
     shard.run(cfg)
     return [f"paths.root={root}", f"shard.val_fraction={fraction}", *MICRO]
+
+
+def pipeline_processes(root: Path, stage: str | None = None) -> list[int]:
+    """pids of live `python -m pipeline [stage] ... paths.root=<root>` processes (from /proc)."""
+    want = f"-m pipeline {stage}" if stage else "-m pipeline"
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if want in cmd and f"paths.root={root}" in cmd:
+                found.append(int(d.name))
+    return found

@@ -296,15 +296,10 @@ def _kill_when_checkpointed(root, min_step: int, sig: int, pid_of, timeout: floa
 
 
 def _training_child(root) -> int | None:
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "-m pipeline pretrain" in cmd and f"paths.root={root}" in cmd:
-                return int(d.name)
-    return None
+    from tests.fixtures import pipeline_processes
+
+    found = pipeline_processes(root, "pretrain")
+    return found[0] if found else None
 
 
 @pytest.mark.slow

@@ -65,16 +65,13 @@ def _write_model(root: Path) -> None:
     shutil.copy(tok_dir / "tokenizer.json", run / "tokenizer.json")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    _write_model(root)
+def start_server(root: Path, *overrides: str, env: dict | None = None):
+    """`python -m pipeline serve` on a free loopback port; yields its base URL, then stops it."""
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "serve", f"paths.root={root}", f"serve.port={port}",
-         "serve.max_queue=8", "serve.max_body_bytes=20000", "serve.default_max_tokens=16"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [sys.executable, "-m", "pipeline", "serve", f"paths.root={root}", f"serve.port={port}", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -94,6 +91,13 @@ def server(tmp_path_factory):
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    _write_model(root)
+    yield from start_server(root, "serve.max_queue=8", "serve.max_body_bytes=20000", "serve.default_max_tokens=16")
 
 
 @pytest.fixture

@@ -4,16 +4,12 @@ limits, cancellation, the API key, Prometheus metrics, and the chat page asking 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from tests.test_serve import NAME, _free_port, _write_model
+from tests.test_serve import NAME, _write_model, start_server
 
 PROMPTS = ["The json module", "What does glob do?", "heapq", "<|user|>What does shlex do?<|end|><|assistant|>",
            "Return a list of paths matching a pathname pattern.", "import", "def dumps(obj, *, skipkeys=False",
@@ -130,26 +126,7 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(model):
 @pytest.fixture(scope="module")
 def keyed_server(model):
     *_, root = model
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_SERVE_API_KEY": "s3cret"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", f"paths.root={root}", f"serve.port={port}",
-                             "serve.default_max_tokens=16"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.3)
-    yield base
-    proc.terminate()
-    proc.wait(10)
+    yield from start_server(root, "serve.default_max_tokens=16", env={"PIPELINE_SERVE_API_KEY": "s3cret"})
 
 
 def test_api_key_is_required_and_errors_are_openai_shaped(keyed_server):

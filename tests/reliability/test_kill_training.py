@@ -24,7 +24,7 @@ from pipeline.model.runs import load_trained
 from pipeline.stages import eval as evaluate
 from pipeline.stages import finetune, pretrain
 from tests.conftest import ROOT
-from tests.fixtures import make_project
+from tests.fixtures import make_project, pipeline_processes
 from tests.reliability.test_kill import start_and_kill
 
 pytestmark = pytest.mark.slow
@@ -238,9 +238,9 @@ def test_two_process_ddp_stopped_with_sigterm_resumes_on_both_ranks_from_the_sam
     assert rc == 143, err[-3000:]
     stopped_at = max(steps_on_disk(tmp_path, "pretrain", "stopped"))
     deadline = time.monotonic() + 60
-    while _pipeline_processes(tmp_path) and time.monotonic() < deadline:
+    while pipeline_processes(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _pipeline_processes(tmp_path), "rank 1 exits too"
+    assert not pipeline_processes(tmp_path), "rank 1 exits too"
     again = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -250,16 +250,3 @@ def test_two_process_ddp_stopped_with_sigterm_resumes_on_both_ranks_from_the_sam
     got = [r["weights_sha256"] for r in summary["ranks"]]
     assert got[0] == got[1] == reference["ranks"][0]["weights_sha256"], "both ranks resumed from the same step"
     same_weights(tmp_path / "ref", tmp_path / "stopped")
-
-
-def _pipeline_processes(root: Path) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "-m pipeline" in cmd and f"paths.root={root}" in cmd:
-                found.append(int(d.name))
-    return found

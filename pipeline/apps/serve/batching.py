@@ -15,17 +15,14 @@ gets alone, whatever else runs.
 
 from __future__ import annotations
 
-import itertools
 import queue
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.apps.serve.engine import DONE, Job, QueueFull, TextOut, deliver
-from pipeline.model.sampling import encode_prompt, sample_next, token_id
-from pipeline.tokenize.special import ASSISTANT, END, EOT, PAD, SYSTEM, USER
+from pipeline.apps.serve.engine import DONE, EngineBase, Job, TextOut, deliver
+from pipeline.model.sampling import sample_next
 
 
 @dataclass
@@ -38,17 +35,15 @@ class _Running:
     started: float
 
 
-class BatchEngine:
+class BatchEngine(EngineBase):
     """The same interface as `Engine` (`submit`, `encode`, `status`), serving up to
     `max_batch` requests at once with at most `max_tokens_in_flight` prompt + completion
     tokens reserved in total; beyond that requests wait in a queue of `max_queue` (then 429)."""
 
     def __init__(self, model, tokenizer, meta: dict, max_queue: int = 64, max_batch: int = 16,
                  max_tokens_in_flight: int = 0, prefill_tokens_per_step: int = 512, metrics=None) -> None:
-        self.model, self.tokenizer, self.meta = model, tokenizer, meta
-        self.metrics = metrics
+        super().__init__(model, tokenizer, meta, max_queue, metrics)
         cfg = model.cfg
-        self.block_size = int(cfg.block_size)
         self.max_batch = max(1, int(max_batch))
         self.budget = int(max_tokens_in_flight) or self.max_batch * self.block_size
         self.prefill_budget = max(1, int(prefill_tokens_per_step))
@@ -61,32 +56,9 @@ class BatchEngine:
         # decode batches of 4, 8, 16, ... rows over the lowest slots (requests take the lowest
         # free one): any size from 4 computes a row exactly alike, and few rows cost less
         self.buckets = sorted({min(self.max_batch, 4 << i) for i in range(16)} | {self.max_batch})
-        eot = token_id(tokenizer, EOT)
-        self.stop_ids = {i for i in (token_id(tokenizer, t) for t in (EOT, END, USER, SYSTEM, ASSISTANT, PAD))
-                         if i is not None}
-        self.bos = [eot] if eot is not None else []
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, int(max_queue)))
         self._waiting: Job | None = None  # admitted next, when a slot and the token budget allow
-        self.served = 0
-        self._ids = itertools.count(1)
-        self._wake = threading.Event()
         self._outbox: list = []
-        self._worker = threading.Thread(target=self._loop, name="batch-worker", daemon=True)
-        self._worker.start()
-
-    # -------------------------------------------------------------- API side
-
-    def encode(self, text: str) -> list[int]:
-        return self.bos + encode_prompt(self.tokenizer, text)
-
-    def submit(self, job: Job) -> Job:
-        job.id = next(self._ids)
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self.jobs.maxsize} requests are already waiting") from None
-        self._wake.set()
-        return job
+        self._start_worker("batch-worker")
 
     def running(self) -> int:
         return sum(s is not None for s in self.slots)

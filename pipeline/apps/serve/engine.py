@@ -61,11 +61,12 @@ def deliver(items: list) -> None:
 DONE = object()
 
 
-class Engine:
-    """Owns the model and tokenizer; ``submit`` returns a Job whose ``out`` queue yields text
-    pieces then ``DONE`` (or an Exception)."""
+class EngineBase:
+    """What both engines share: the model and tokenizer, the stop tokens, the bounded queue,
+    `encode` and `submit` (a Job whose ``out`` queue yields text pieces then ``DONE`` or an
+    Exception)."""
 
-    def __init__(self, model, tokenizer, meta: dict, max_queue: int = 16, metrics=None) -> None:
+    def __init__(self, model, tokenizer, meta: dict, max_queue: int, metrics=None) -> None:
         self.model, self.tokenizer, self.meta = model, tokenizer, meta
         self.metrics = metrics
         self.block_size = int(model.cfg.block_size)
@@ -75,13 +76,9 @@ class Engine:
                          if i is not None}
         self.bos = [eot] if eot is not None else []
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max(1, int(max_queue)))
-        self.active: Job | None = None
         self.served = 0
         self._ids = itertools.count(1)
-        self._worker = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
-        self._worker.start()
-
-    # -------------------------------------------------------------- API side
+        self._wake = threading.Event()
 
     def encode(self, text: str) -> list[int]:
         return self.bos + encode_prompt(self.tokenizer, text)
@@ -92,7 +89,21 @@ class Engine:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"{self.jobs.maxsize} requests are already waiting") from None
+        self._wake.set()
         return job
+
+    def _start_worker(self, name: str) -> None:
+        self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._worker.start()
+
+
+class Engine(EngineBase):
+    """One request at a time, in arrival order."""
+
+    def __init__(self, model, tokenizer, meta: dict, max_queue: int = 16, metrics=None) -> None:
+        super().__init__(model, tokenizer, meta, max_queue, metrics)
+        self.active: Job | None = None
+        self._start_worker("generation-worker")
 
     def status(self) -> dict:
         return {"queued": self.jobs.qsize(), "running": int(self.active is not None), "max_batch": 1,
