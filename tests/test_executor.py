@@ -120,3 +120,18 @@ def test_fresh_workers_run_each_item_in_its_own_process_in_order():
     assert len({pid for pid, _ in out}) == 6  # a new process per item: no memory carried between shards
     with pytest.raises(PipelineError, match="died"):
         map_ordered(_die_on_three, list(range(5)), {"kind": "local", "workers": 2}, fresh_workers=True)
+
+
+def test_workers_auto_is_every_core_this_process_may_use():
+    import os
+
+    import pytest
+
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.executor import worker_count
+
+    assert worker_count({"workers": "auto"}) == len(os.sched_getaffinity(0))
+    assert worker_count({}) == len(os.sched_getaffinity(0))
+    assert worker_count({"workers": 3}) == 3 and worker_count({"workers": 0}) == 1
+    with pytest.raises(PipelineError, match="executor.workers='many'"):
+        worker_count({"workers": "many"})

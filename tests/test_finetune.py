@@ -518,3 +518,45 @@ def test_finetune_errors(tmp_path, pretrained):
     with pytest.raises(PipelineError, match="finetune.method"):
         finetune.run(load([*overrides, "finetune.method=qlora", f"paths.finetune={tmp_path / 'ft'}"]))
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_corpus_without_pairs_skips_fine_tuning_and_eval_reports_the_pretrained_model(tmp_path, pretrained):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.core.artifacts import doc_id
+    from pipeline.model.runs import run_dir_for
+    from pipeline.stages import eval as evaluate
+
+    root, overrides = pretrained
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    texts = [f"Chapter {i}. The ship sailed north for {i} days and the crew sang." * 5 for i in range(8)]
+    pq.write_table(pa.Table.from_pylist([{"id": doc_id(t), "text": t, "url": f"file:///book/{i}.txt",
+                                          "source": "files", "raw_id": doc_id(t)} for i, t in enumerate(texts)]),
+                   clean / "part-00000.parquet")
+    args = [*overrides, f"paths.clean={clean}", f"paths.finetune={tmp_path / 'ft'}",
+            f"paths.reports={tmp_path / 'reports'}", f"eval.history_dir={tmp_path / 'history'}",
+            "eval.max_val_tokens=2000", "eval.lstm.enabled=false", "eval.max_new_tokens=4", "eval.gate.enabled=false"]
+    summary = finetune.run(load(args))
+    assert "no question/answer pairs" in summary["skipped"] and summary["steps"] == 0
+    assert json.loads((tmp_path / "ft" / "_summary.json").read_text())["skipped"] == summary["skipped"]
+    assert not (tmp_path / "ft" / "checkpoints").exists()
+    assert run_dir_for(load(args), "latest") == root / "models" / "pretrain"
+    report = evaluate.run(load(args))
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert "pretrain" in metrics and "finetune" not in metrics, metrics.keys()
+    assert report["stage"] == "eval"
+
+
+def test_a_max_pairs_cap_is_logged(tmp_path, caplog):
+    from pipeline.training.sft_data import load_custom
+
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}?", "output": f"a{i}."}) + "\n" for i in range(10)))
+    assert len(load_custom(data)) == 10  # no cap: all of it
+    with caplog.at_level("WARNING"):
+        assert len(load_custom(data, max_pairs=4)) == 4
+    assert "finetune.max_pairs=4 keeps the first 4 of 10 records" in caplog.text

@@ -9,6 +9,7 @@ for `paths.root` on every worker).
 from __future__ import annotations
 
 import logging
+import os
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -28,6 +29,20 @@ def _in_fresh_process(fn: Callable[[Any], Any], item: Any) -> Any:
             raise PipelineError(f"the worker processing {str(item)[:200]} died (killed, or out of memory?)") from e
 
 
+def worker_count(executor_cfg) -> int:
+    """`executor.workers`: a number, or `auto` (every core this process may use)."""
+    raw = executor_cfg.get("workers", "auto")
+    if raw is None or str(raw) == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        return max(1, int(raw))
+    except (TypeError, ValueError):
+        raise PipelineError(f"executor.workers={raw!r}: expected a number or auto") from None
+
+
 def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg, fresh_workers: bool = False) -> list[Any]:
     """`fn` over `items`, results in input order. `fresh_workers` (local processes only):
     every item runs in a newly forked worker, so a stage whose per-item peak is bounded keeps
@@ -36,7 +51,7 @@ def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], executor_cfg, fr
     kind = str(executor_cfg.get("kind", "local"))
     items = list(items)
     if kind == "local":
-        workers = int(executor_cfg.get("workers", 1) or 1)
+        workers = worker_count(executor_cfg)
         if workers <= 1 or len(items) <= 1:
             return [fn(x) for x in items]
         if fresh_workers and "fork" in multiprocessing.get_all_start_methods():
@@ -66,7 +81,7 @@ def _dask_map(fn: Callable[[Any], Any], items: list[Any], executor_cfg) -> list[
             raise PipelineError(f"executor=dask: no Dask scheduler at {address}: {e}") from e
         with client:
             return _gather(client, fn, items)
-    workers = max(1, min(int(executor_cfg.get("workers", 2) or 1), len(items)))
+    workers = max(1, min(worker_count(executor_cfg), len(items)))
     # silence_logs: shutdown races (heartbeats to a closed scheduler) log tracebacks that are
     # noise; a task's own exception still reaches us through gather()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -32,6 +32,7 @@ from pipeline.evaluation import metrics as M
 from pipeline.evaluation import parent as P
 from pipeline.evaluation import report as R
 from pipeline.evaluation.heldout import load_heldout, pairs_sha256, read_pairs
+from pipeline.model.runs import CKPT
 from pipeline.stages import registry
 from pipeline.tokenize.bpe import load as load_tokenizer
 from pipeline.tokenize.shards import open_split, read_index
@@ -44,7 +45,7 @@ def run(cfg) -> dict:
     shards_dir = require_dir(cfg.paths.shards, "token shards", "shard")
     pre_dir = require_dir(cfg.paths.pretrain, "pretrained model", "pretrain")
     ft_dir = Path(cfg.paths.finetune)
-    runs = {"pretrain": pre_dir, **({"finetune": ft_dir} if ft_dir.is_dir() else {})}
+    runs = {"pretrain": pre_dir, **({"finetune": ft_dir} if (ft_dir / CKPT).is_file() else {})}
     paths = {"root": root, "finetune": ft_dir, "pairs": ft_dir / "sft" / "heldout.jsonl",
              "funnel": Path(cfg.paths.clean) / "funnel.json", "stats": tok_dir / "stats.json"}
     batch_size, stride, max_new = int(ec.get("batch_size", 8)), ec.get("stride"), int(ec.max_new_tokens)

@@ -18,11 +18,12 @@ The machine comes from the `hardware` group, as for pretraining.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
 
-from pipeline.core.artifacts import Timer, sha256_file
+from pipeline.core.artifacts import Timer, atomic_dir, sha256_file, write_summary
 from pipeline.core.config import config_hash, train_settings
 from pipeline.core.errors import PipelineError
 from pipeline.model.lora import apply_lora, merged, trainable_params
@@ -40,6 +41,7 @@ from pipeline.training.trainer import (
     setup_torch,
 )
 
+log = logging.getLogger(__name__)
 METHODS = ("full", "lora")
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard", "peak_flops",
              "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue")
@@ -63,7 +65,10 @@ def run(cfg, callbacks: tuple = ()) -> dict:
     base, meta = load_trained(pre_dir)
     require_causal_gpt(base, pre_dir, "fine-tuning")
     tokenizer = load_run_tokenizer(pre_dir, meta, cfg)
-    train_pairs, held_pairs, info = sft_data.build_pairs(cfg)
+    try:
+        train_pairs, held_pairs, info = sft_data.build_pairs(cfg)
+    except sft_data.NoPairs as e:
+        return _skip(cfg, out, timer, pre_dir, str(e))
     block = base.cfg.block_size
     packing = bool(fc.get("packing", True))
     length = {"train": {}, "heldout": {}}
@@ -137,3 +142,11 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         )
 
     return train_and_publish("finetune", cfg.paths.runs, out, fp, module, dm, tc, max_steps, publish, callbacks)
+
+
+def _skip(cfg, out: Path, timer, pre_dir: Path, why: str) -> dict:
+    """No fine-tuning data for this corpus: the output says so (and holds no model), so the
+    flow goes on and evaluation reports the pretrained model."""
+    log.warning("finetune skipped: %s", why)
+    with atomic_dir(out) as work:
+        return write_summary(work, "finetune", cfg, {"pretrain": pre_dir}, timer, skipped=why, steps=0)

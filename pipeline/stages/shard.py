@@ -32,7 +32,7 @@ from pipeline.core.artifacts import (
     write_summary,
 )
 from pipeline.core.errors import PipelineError
-from pipeline.core.executor import map_ordered
+from pipeline.core.executor import map_ordered, worker_count
 from pipeline.core.parquet import parquet_files
 from pipeline.tokenize.bpe import load as load_tokenizer
 from pipeline.tokenize.encode import choose_encoder, encode_shard, merge_split
@@ -59,7 +59,7 @@ def run(cfg) -> dict:
     out = Path(cfg.paths.shards)
     shards_per_worker = 1
     if str(cfg.executor.get("kind", "local")) == "local":
-        busy = max(1, min(int(cfg.executor.get("workers", 1) or 1), len(shards)))
+        busy = max(1, min(worker_count(cfg.executor), len(shards)))
         shards_per_worker = busy
     # cores left idle by fewer shards than workers go to tiktoken threads inside each worker
     threads = int(sc.get("threads", 0) or 0) or max(1, (os.cpu_count() or 1) // shards_per_worker)

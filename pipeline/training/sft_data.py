@@ -269,13 +269,21 @@ def _qhash(q: str) -> str:
     return hashlib.sha256(q.encode("utf-8")).hexdigest()
 
 
+def _cap(items: list, max_pairs, what: str) -> list:
+    """The first `max_pairs` (0 or null: all); a cap that drops anything is logged."""
+    if max_pairs and 0 < int(max_pairs) < len(items):
+        log.warning("finetune.max_pairs=%d keeps the first %d of %d %s", int(max_pairs), int(max_pairs), len(items), what)
+        return items[: int(max_pairs)]
+    return items
+
+
 def _dedupe_cap(pairs: Iterable[dict], max_pairs: int) -> list[dict]:
     """First occurrence of each question wins; a capped set keeps a hash-ordered sample."""
     seen: dict[str, dict] = {}
     for p in pairs:
         seen.setdefault(p["question"], p)
     out = sorted(seen.values(), key=lambda p: _qhash(p["question"]))
-    return out[: int(max_pairs)] if max_pairs and int(max_pairs) > 0 else out
+    return _cap(out, max_pairs, "derived pairs")
 
 
 def derive_pairs(clean_dir: Path, max_pairs: int, max_answer_words: int) -> list[dict]:
@@ -473,7 +481,7 @@ def load_custom(path: Path, max_pairs: int = 0, split: str = "train", report: Da
             continue
         seen[pair["doc_id"]] = pair
     kept = list(seen.values())
-    kept = kept[: int(max_pairs)] if max_pairs and int(max_pairs) > 0 else kept
+    kept = _cap(kept, max_pairs, f"records of {path}")
     report.kept = len(kept)
     return kept
 
@@ -484,6 +492,10 @@ def resolve_data_path(data: str, root: str | Path) -> Path:
         if cand.exists():
             return cand
     raise PipelineError(f"finetune.data file not found: {data}")
+
+
+class NoPairs(PipelineError):
+    """The corpus gives no question/answer pairs and no `finetune.data` is set."""
 
 
 def split_pairs(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -500,18 +512,18 @@ def build_pairs(cfg) -> tuple[list[dict], list[dict], dict]:
     if fc.get("data"):
         path = resolve_data_path(fc.data, cfg.paths.root)
         report = DataReport()
-        pairs = load_custom(path, int(fc.max_pairs), str(fc.get("data_split") or "train"), report)
+        pairs = load_custom(path, int(fc.max_pairs or 0), str(fc.get("data_split") or "train"), report)
         source = {"kind": "file", "path": str(path)}
         extra = {"data": report.to_dict()}
     else:
         clean = Path(cfg.paths.clean)
         if not clean.is_dir() or not parquet_files(clean):
             raise PipelineError(f"clean documents not found at {clean}: run `python -m pipeline clean` first")
-        pairs = derive_pairs(clean, int(fc.max_pairs), int(fc.max_answer_words))
+        pairs = derive_pairs(clean, int(fc.max_pairs or 0), int(fc.max_answer_words))
         source = {"kind": "pydoc", "path": str(clean)}
     if not pairs:
         skipped = extra.get("data", {}).get("skipped_total")
-        raise PipelineError(
+        raise (PipelineError if fc.get("data") else NoPairs)(
             f"no question/answer pairs found in {source['path']}"
             + (f" ({skipped} records skipped, see the warnings above)" if skipped else "")
             + ": the default set needs pydoc pages (source=pydoc_site); or set "
