@@ -198,13 +198,12 @@ def test_sigkilled_cli_run_resumes_with_the_same_batches(project, trained):
     out = root / "models" / "killed"
     cmd = [sys.executable, "-m", "pipeline", "pretrain", *overrides, f"paths.pretrain={out}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = out.with_name(f"killed.tmp-{proc.pid}") / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ckpt.is_file():
+    seen = False
+    while time.monotonic() < deadline and proc.poll() is None and not seen:
+        for ckpt in (root / "runs" / "pretrain").glob("killed-*/checkpoints/step-*.ckpt"):
             try:
-                if torch.load(ckpt, weights_only=True, mmap=True)["global_step"] >= 10:
-                    break
+                seen = seen or torch.load(ckpt, weights_only=True, mmap=True)["global_step"] >= 10
             except (RuntimeError, EOFError, KeyError, OSError):  # still being written
                 pass
         time.sleep(0.02)
@@ -227,7 +226,7 @@ def test_sigkilled_cli_run_resumes_with_the_same_batches(project, trained):
     b, _ = load_trained(out)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
-    assert not list(out.parent.glob("killed.tmp-*"))
+    assert not list((root / "runs" / "pretrain").glob("killed-*")), "published: the run directory is gone"
 
 
 def test_missing_inputs_name_the_command_to_run(tmp_path):

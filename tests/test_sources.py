@@ -152,3 +152,42 @@ def test_hf_errors_are_one_line(tmp_path, saved, offline):
         hf_run(tmp_path, "no-such-org/no-such-dataset")
     with pytest.raises(PipelineError, match="source=hf needs source.name"):
         ingest.run(load([f"paths.root={tmp_path}", "source=hf"]))
+
+
+def test_one_big_text_file_becomes_documents_cut_at_blank_lines(tmp_path):
+    """nanoGPT's hello world: one text file (here ~300 KB of speeches) is cut into documents of
+    about source.doc_bytes at paragraph breaks, nothing lost, offsets exact, so the train/val
+    split by document id has validation documents."""
+    from pipeline.core.splits import is_val
+
+    speeches = [f"SPEAKER {i % 7}:\nLine {i} of the play, spoken with feeling.\nAnd another line follows it.\n"
+                for i in range(4000)]
+    book = tmp_path / "input.txt"
+    book.write_text("\n".join(speeches))
+    summary = files_run(tmp_path / "out", book, extra=["source.doc_bytes=4000"])
+    rows = sorted(rows_of(tmp_path / "out"), key=lambda r: r["source_offset"])
+    data = book.read_bytes()
+    assert "".join(r["text"] for r in rows) == data.decode()
+    assert all(data[r["source_offset"]:].decode().startswith(r["text"]) for r in rows)
+    assert all(r["text"].endswith("\n\n") or r is rows[-1] for r in rows), "cut at blank lines"
+    assert 60 < len(rows) < 90 and summary["docs_out"] == len(rows)
+    assert sum(is_val(r["id"], 0.1) for r in rows) >= 3
+    # off, it stays one document
+    one = files_run(tmp_path / "whole", book, extra=["source.split_text=none"])
+    assert one["docs_out"] == 1
+
+
+def test_streamed_files_are_not_capped_as_files(tmp_path):
+    """A Parquet or JSONL file larger than source.max_file_bytes is read record by record
+    (the cap is for files read whole); each record is still capped by max_doc_bytes."""
+    import pyarrow as pa
+
+    texts = [f"document number {i} " * 50 for i in range(200)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "big.parquet", row_group_size=20)
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "big.json").write_text(json.dumps([{"text": t} for t in texts]))
+    summary = files_run(tmp_path / "out", tmp_path / "big.parquet", tmp_path / "big.jsonl", tmp_path / "big.json",
+                        extra=["source.max_file_bytes=10000"])
+    assert summary["docs_out"] == 400  # parquet and jsonl: 200 each, the same texts (same ids)
+    assert len({r["id"] for r in rows_of(tmp_path / "out")}) == 200
+    assert summary["statuses"]["skipped_too_large"] == 1  # the .json, read whole

@@ -57,7 +57,10 @@ def pickle_reason(path: Path, head: bytes) -> str | None:
     if ext in TORCH_SUFFIXES and head[:4] == b"PK\x03\x04":
         return f"a torch/zip pickle archive ({ext})"
     return None
-SINGLE_DOC = {".txt", ".md", ".html", ".htm"}  # the whole file is one document
+SINGLE_DOC = {".txt", ".md", ".html", ".htm"}  # the whole file is one document (unless split, below)
+SPLITTABLE = {".txt", ".md"}  # plain text cut into documents at blank lines (source.split_text)
+STREAMED = {".jsonl", ".parquet"}  # read record by record: no cap on the file, only on each record
+SPLIT_MODES = ("auto", "paragraphs", "none")
 
 
 def _has_magic(p: str) -> bool:
@@ -140,7 +143,11 @@ class FilesReader:
     """Turns files into raw rows; problems and repairs go to the ingest context."""
 
     def __init__(self, ctx, text_field: str, extensions: list[str], max_file_bytes: int, encoding: str = "auto",
-                 max_doc_bytes: int = 10_000_000) -> None:
+                 max_doc_bytes: int = 10_000_000, split_text: str = "auto", doc_bytes: int = 16_000) -> None:
+        if split_text not in SPLIT_MODES:
+            raise PipelineError(f"source.split_text={split_text!r}: expected one of {', '.join(SPLIT_MODES)}")
+        self.split_text = split_text
+        self.doc_bytes = max(1, int(doc_bytes))
         self.ctx = ctx
         self.max_doc_bytes = int(max_doc_bytes)  # one document (a .txt/.html file, a JSONL line)
         self.text_field = text_field
@@ -216,15 +223,19 @@ class FilesReader:
         except OSError as e:
             self.ctx.problem("error_unreadable", f"{name}: {e.strerror or e}")
             return
-        if size > self.max_file_bytes:
+        split = ext in SPLITTABLE and (self.split_text == "paragraphs" or
+                                       (self.split_text == "auto" and size > self.doc_bytes))
+        if size > self.max_file_bytes and ext not in STREAMED and not split:
             self.ctx.problem("skipped_too_large", f"{name}: {size} bytes > max_file_bytes {self.max_file_bytes}", size)
             return
-        if ext in SINGLE_DOC and size > self.max_doc_bytes:
+        if ext in SINGLE_DOC and not split and size > self.max_doc_bytes:
             self.ctx.problem("skipped_too_large", f"{name}: {size} bytes > max_doc_bytes {self.max_doc_bytes}", size)
             return
         self.input_hash.update(name.encode() + b"\0")
         try:
-            if ext == ".jsonl":
+            if split:
+                yield from self._paragraphs(path, CONTENT_TYPES[ext])
+            elif ext == ".jsonl":
                 yield from self._jsonl(path)
             elif ext == ".parquet":
                 yield from self._parquet(path)
@@ -247,6 +258,48 @@ class FilesReader:
             self.ctx.problem(e.status, str(e))
             return
         self.files_read += 1
+
+    def _paragraphs(self, path: Path, content_type: str) -> Iterator[dict]:
+        """A long text file (a book, a corpus in one file) as documents of about `doc_bytes`:
+        cut at a blank line once that size is reached (at any line past 4x it), streamed line by
+        line, so neither the file nor a line longer than `max_doc_bytes` is ever held whole."""
+        name, cap = str(path), self.max_doc_bytes
+        buf: list[bytes] = []
+        size = start = offset = 0
+
+        def flush():
+            data = b"".join(buf)
+            if data.strip():
+                return self.row(f"{name}@{start}", content_type, name, text=self.decode(data, f"{name}@{start}"),
+                                offset=start)
+            return None
+
+        with open(path, "rb") as f:
+            while line := f.readline(cap + 1):
+                self.input_hash.update(line)
+                self.bytes_read += len(line)
+                if len(line) > cap and not line.endswith(b"\n"):  # a line longer than a document may be
+                    n = len(line)
+                    while (more := f.readline(cap + 1)) and (n := n + len(more)):
+                        self.input_hash.update(more)
+                        self.bytes_read += len(more)
+                        if more.endswith(b"\n"):
+                            break
+                    if (row := flush()) is not None:
+                        yield row
+                    self.ctx.problem("skipped_too_large", f"{name}@{offset}: line of {n} bytes > max_doc_bytes {cap}", n)
+                    offset += n
+                    buf, size, start = [], 0, offset
+                    continue
+                buf.append(line)
+                size += len(line)
+                offset += len(line)
+                if (size >= self.doc_bytes and not line.strip()) or size >= 4 * self.doc_bytes:
+                    if (row := flush()) is not None:
+                        yield row
+                    buf, size, start = [], 0, offset
+        if (row := flush()) is not None:
+            yield row
 
     def _field(self, record, where: str) -> str | None:
         if not isinstance(record, dict) or record.get(self.text_field) is None:
@@ -379,7 +432,8 @@ def documents(source, ctx) -> Iterator[dict]:
     paths, files = source_files(source, ctx, "files", "/data/corpus")
     reader = FilesReader(
         ctx, str(source.text_field), list(source.extensions), int(source.max_file_bytes), str(source.get("encoding", "auto")),
-        int(source.get("max_doc_bytes", 10_000_000)),
+        int(source.get("max_doc_bytes", 10_000_000)), str(source.get("split_text", "auto")),
+        int(source.get("doc_bytes", 16_000)),
     )
     try:
         for path in files:

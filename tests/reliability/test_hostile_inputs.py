@@ -93,7 +93,7 @@ def test_a_100_mb_single_line_is_skipped_in_bounded_memory(tmp_path):
     assert summary["statuses"]["skipped_too_large"] == 3
     ex = summary["problem_examples"]["skipped_too_large"]
     assert any(m.startswith(f"{d}/big.jsonl:2: line of {len(line) + 13} bytes > max_doc_bytes") for m in ex), ex
-    assert any(m.startswith(f"{d}/big.txt: {len(line)} bytes > max_doc_bytes") for m in ex), ex
+    assert any(m.startswith(f"{d}/big.txt@0: line of {len(line)} bytes > max_doc_bytes") for m in ex), ex
     assert any(m.startswith(f"{d}/big.csv#row1: {12 * MiB} bytes > max_doc_bytes") for m in ex), ex
     after = next(r for r in rows_of(root) if r["text"] == "after")
     assert after["source_offset"] == len(json.dumps({"text": "before"})) + 1 + len(line) + 13  # offsets stay exact
