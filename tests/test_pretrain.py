@@ -209,7 +209,7 @@ def test_sigkilled_cli_run_resumes_with_the_same_batches(project, trained):
         time.sleep(0.02)
     # the CSV row of the checkpointed step is flushed a few ms after the checkpoint itself
     # (Lightning logs a step's metrics after its callbacks): kill past that window
-    time.sleep(0.3)
+    time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

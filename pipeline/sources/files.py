@@ -280,7 +280,8 @@ class FilesReader:
                 self.bytes_read += len(line)
                 if len(line) > cap and not line.endswith(b"\n"):  # a line longer than a document may be
                     n = len(line)
-                    while (more := f.readline(cap + 1)) and (n := n + len(more)):
+                    while more := f.readline(cap + 1):  # the rest of the line, a bounded piece at a time
+                        n += len(more)
                         self.input_hash.update(more)
                         self.bytes_read += len(more)
                         if more.endswith(b"\n"):

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.core.artifacts import atomic_dir, write_summary
-from pipeline.core.errors import PipelineError, TrainingFailed, TrainingStopped
+from pipeline.core.errors import PipelineError, TrainingFailed
 from pipeline.model.gpt import GPTConfig
 from pipeline.model.hf import export_hf
 from pipeline.model.runs import CKPT
@@ -42,7 +42,7 @@ def train_and_publish(stage: str, runs_root, out: Path, fingerprint: str, module
             shutil.rmtree(run, ignore_errors=True)
     try:
         result = fit(module, datamodule, run, tc, max_steps=max_steps, resume=resume, callbacks=tuple(callbacks))
-    except (TrainingStopped, PipelineError):
+    except PipelineError:  # TrainingStopped too: its own message and exit code
         raise
     except Exception as e:
         raise TrainingFailed(
@@ -54,7 +54,7 @@ def train_and_publish(stage: str, runs_root, out: Path, fingerprint: str, module
         with atomic_dir(out) as work:
             _publish_training(run, work)
             summary = publish(work, result)
-    except (TrainingStopped, PipelineError):
+    except PipelineError:  # TrainingStopped too: its own message and exit code
         raise
     except Exception as e:
         raise TrainingFailed(

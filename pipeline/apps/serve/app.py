@@ -244,14 +244,12 @@ def create_app(engine, sc, seed: int = 0, metrics: ServeMetrics | None = None) -
         max_tokens = req.max_completion_tokens or req.max_tokens
         job = submit(make_job(req, chat_ids(req, max_tokens), max_tokens))
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = lambda: {"prompt_tokens": len(job.ids), "completion_tokens": job.completion_tokens,  # noqa: E731
-                         "total_tokens": len(job.ids) + job.completion_tokens}
         if not req.stream:
             text = await collect(job, request)
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": job.finish_reason, "logprobs": None}],
-                    "usage": usage()}
+                    "usage": _usage(job)}
 
         def chunk(delta: dict, finish=None) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
@@ -265,7 +263,7 @@ def create_app(engine, sc, seed: int = 0, metrics: ServeMetrics | None = None) -
                 yield chunk({}, job.finish_reason)
                 if req.include_usage():
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                               "choices": [], "usage": usage()})
+                               "choices": [], "usage": _usage(job)})
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled.set()  # a client that went away frees the worker at the next token
@@ -282,8 +280,7 @@ def create_app(engine, sc, seed: int = 0, metrics: ServeMetrics | None = None) -
             text = await collect(job, request)
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "text": text, "finish_reason": job.finish_reason, "logprobs": None}],
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": job.completion_tokens,
-                              "total_tokens": len(ids) + job.completion_tokens}}
+                    "usage": _usage(job)}
 
         def chunk(text: str, finish=None) -> str:
             return sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
@@ -296,9 +293,7 @@ def create_app(engine, sc, seed: int = 0, metrics: ServeMetrics | None = None) -
                 yield chunk("", job.finish_reason)
                 if req.include_usage():
                     yield sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                               "choices": [], "usage": {"prompt_tokens": len(ids),
-                                                        "completion_tokens": job.completion_tokens,
-                                                        "total_tokens": len(ids) + job.completion_tokens}})
+                               "choices": [], "usage": _usage(job)})
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled.set()
@@ -306,6 +301,11 @@ def create_app(engine, sc, seed: int = 0, metrics: ServeMetrics | None = None) -
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def _usage(job: Job) -> dict:
+    return {"prompt_tokens": len(job.ids), "completion_tokens": job.completion_tokens,
+            "total_tokens": len(job.ids) + job.completion_tokens}
 
 
 async def _pieces(job: Job):

@@ -133,10 +133,10 @@ class BatchEngine(EngineBase):
             self.metrics.first_token(time.perf_counter() - job.enqueued)
         if nxt in self.stop_ids:
             return self._end(slot)
-        if run.out.push(nxt):
-            return self._end(slot)
         if self.metrics is not None:
             self.metrics.tokens(1)
+        if run.out.push(nxt):
+            return self._end(slot)
         if job.completion_tokens >= job.max_tokens or run.pos >= self.block_size:
             return self._end(slot)
         run.last = nxt

@@ -170,19 +170,26 @@ class TextOut:
         if text.endswith("\ufffd") or not text.startswith(self.text):
             return False
         self.text = text
-        hits = [text.find(s) for s in self.job.stop if s and s in text]
-        if hits:  # a stop string completed: send what precedes it, never the string itself
-            cut = min(hits)
-            if cut > self.emitted:
-                self.job.emit(text[self.emitted:cut])
-            self.emitted = len(text)
-            self.job.finish_reason = "stop"
+        if self._cut_at_stop():
             return True
         safe = len(text) - _stop_prefix_len(text, self.job.stop)
         if safe > self.emitted:
             self.job.emit(text[self.emitted:safe])
             self.emitted = safe
         return False
+
+    def _cut_at_stop(self) -> bool:
+        """When a stop string has completed: send what precedes it, never the string itself."""
+        text = self.text
+        hits = [text.find(s) for s in self.job.stop if s and s in text]
+        if not hits:
+            return False
+        cut = min(hits)
+        if cut > self.emitted:
+            self.job.emit(text[self.emitted:cut])
+        self.emitted = len(text)
+        self.job.finish_reason = "stop"
+        return True
 
     def close(self) -> None:
         """The answer ended (a stop token, max_tokens, a cancel): send what was held back."""
@@ -191,13 +198,7 @@ class TextOut:
             text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             if text != self.text and text.startswith(self.text):  # the last character, even if incomplete
                 self.text = text
-                hits = [text.find(s) for s in job.stop if s and s in text]
-                if hits:
-                    cut = min(hits)
-                    if cut > self.emitted:
-                        job.emit(text[self.emitted:cut])
-                    self.emitted = len(text)
-                    job.finish_reason = "stop"
+                if self._cut_at_stop():
                     return
             if len(self.text) > self.emitted:
                 job.emit(self.text[self.emitted:])
