@@ -28,7 +28,8 @@ def _usage() -> str:
         "  run        every stage in order through the Prefect flow `build-model`: run [--stages a,b] [--force]",
         "  shard --verify  check every token file against data/shards/index.json (exit 1 if any is corrupt)",
         "  generate   sample text, streamed: generate --prompt \"...\" [--max-new-tokens N] [--temperature T]",
-        "             [--top-k K] [--top-p P] [--seed S] [--no-cache] [--model pretrain|finetune] | generate --chat",
+        "             [--top-k K] [--top-p P] [--seed S] [--no-cache] [--model pretrain|finetune] [--device auto|cpu|cuda]",
+        "             | generate --chat",
         "  serve      OpenAI-compatible API + chat page for the trained model: serve [serve.port=8000 ...]",
         "  export     write a transformers directory: export [--model latest|pretrain|finetune] [--out DIR]",
         "  exp        a DVC experiment with Hydra overrides written into conf/: exp clean.min_words=30 [--name N]",
@@ -112,13 +113,14 @@ def _generate(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the context every step (no KV cache)")
     parser.add_argument("--model", choices=["latest", "pretrain", "finetune"], default="latest")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if not args.chat and args.prompt is None:
         parser.error("--prompt is required (or use --chat)")
     cfg = _load(args.overrides)
     from pipeline.apps.generate import chat, generate_from_run
-    from pipeline.model.runs import load_run
+    from pipeline.model.runs import load_run, resolve_device
 
     seed = int(cfg.seed) if args.seed is None else args.seed
     top_k = args.top_k or None
@@ -128,7 +130,7 @@ def _generate(argv: list[str]) -> int:
         sys.stdout.flush()
 
     if args.chat:
-        model, tokenizer, _ = load_run(cfg, args.model)
+        model, tokenizer, _ = load_run(cfg, args.model, resolve_device(args.device, "--device"))
         interactive = sys.stdin.isatty()
         if interactive:
             print("chat with the model: one message per line, /reset to start over, /exit to quit")
@@ -138,7 +140,7 @@ def _generate(argv: list[str]) -> int:
         return 0
     generate_from_run(cfg, args.prompt, which=args.model, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=top_k, top_p=args.top_p, seed=seed,
-                      use_cache=not args.no_cache, on_text=out)
+                      use_cache=not args.no_cache, on_text=out, device=args.device)
     print()
     return 0
 

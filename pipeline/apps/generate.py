@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 
-from pipeline.model.runs import load_run
+from pipeline.model.runs import load_run, resolve_device
 from pipeline.model.sampling import encode_prompt, generate
 from pipeline.tokenize.special import USER, chat_prompt, render_chat
 
@@ -15,11 +15,12 @@ from pipeline.tokenize.special import USER, chat_prompt, render_chat
 def generate_from_run(
     cfg, prompt: str, which: str = "latest", max_new_tokens: int = 64, temperature: float = 0.8,
     top_k: int | None = 40, seed: int | None = None, chat: bool | None = None, top_p: float | None = None,
-    use_cache: bool = True, on_text: Callable[[str], None] | None = None,
+    use_cache: bool = True, on_text: Callable[[str], None] | None = None, device: str = "auto",
 ) -> str:
-    """Generate from the trained model of a run. A fine-tuned model gets the prompt wrapped
-    in the chat template (`chat=None` decides by the model's stage)."""
-    model, tokenizer, meta = load_run(cfg, which)
+    """Generate from the trained model of a run, on `device` (`auto`: CUDA when present, see
+    `resolve_device`). A fine-tuned model gets the prompt wrapped in the chat template
+    (`chat=None` decides by the model's stage)."""
+    model, tokenizer, meta = load_run(cfg, which, resolve_device(device, "--device"))
     if chat is None:
         chat = meta.get("stage") == "finetune" and USER not in prompt
     text = chat_prompt(prompt) if chat else prompt

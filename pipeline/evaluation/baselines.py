@@ -27,12 +27,13 @@ def lstm_enabled(ec) -> bool:
     return lc is not None and bool(lc.get("enabled", True))
 
 
-def lstm(train: list[np.ndarray], heldout: HeldOut, vocab_size: int, ec, seed: int) -> tuple[dict, dict]:
-    """(scores, info) of the LSTM baseline trained on ``train`` with ``eval.lstm`` (info: params,
-    steps, tokens_seen, config, ...)."""
+def lstm(train: list[np.ndarray], heldout: HeldOut, vocab_size: int, ec, seed: int,
+         device: str = "cpu") -> tuple[dict, dict]:
+    """(scores, info) of the LSTM baseline trained and scored on ``device`` with ``eval.lstm``
+    (info: params, steps, tokens_seen, config, ...)."""
     from pipeline.evaluation.lstm_baseline import train_lstm
 
     lc = ec.lstm
-    model, info = train_lstm(train, vocab_size, lc, seed)
+    model, info = train_lstm(train, vocab_size, lc, seed, device=device)
     return scoring.score(model, heldout, int(lc.get("score_block", 256)), int(ec.get("batch_size", 8)),
                          ec.get("stride")), info

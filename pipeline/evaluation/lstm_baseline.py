@@ -29,8 +29,9 @@ def _windows(arrays: list[np.ndarray], rng: np.random.Generator, batch: int, len
     return out
 
 
-def train_lstm(train: list[np.ndarray], vocab_size: int, lc, seed: int, progress=None):
-    """(trained LSTMLM in eval mode, info) after ``lc.steps`` AdamW steps on train windows."""
+def train_lstm(train: list[np.ndarray], vocab_size: int, lc, seed: int, progress=None, device: str = "cpu"):
+    """(trained LSTMLM in eval mode, on ``device``, info) after ``lc.steps`` AdamW steps on train
+    windows. The weights are initialised on the CPU, so a seed gives the same start anywhere."""
     import torch
     import torch.nn.functional as F
 
@@ -44,7 +45,7 @@ def train_lstm(train: list[np.ndarray], vocab_size: int, lc, seed: int, progress
         )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = LSTMLM(LSTMConfig.from_dict(dict(lc), vocab_size=int(vocab_size)))
+    model = LSTMLM(LSTMConfig.from_dict(dict(lc), vocab_size=int(vocab_size))).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=float(lc.lr), betas=(0.9, 0.99),
                             weight_decay=float(lc.get("weight_decay", 0.0)))
     base_lr, min_lr = float(lc.lr), float(lc.lr) * float(lc.get("min_lr_ratio", 0.1))
@@ -56,7 +57,7 @@ def train_lstm(train: list[np.ndarray], vocab_size: int, lc, seed: int, progress
         lr = lr_at(step, base_lr, min_lr, warmup, steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        xy = torch.from_numpy(_windows(train, rng, batch, length))
+        xy = torch.from_numpy(_windows(train, rng, batch, length)).to(device)
         logits = model(xy[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)

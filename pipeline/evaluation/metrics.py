@@ -129,6 +129,8 @@ def score_model(
         end = min(start + B, n - 1)
         windows.append((start, end, max(0, prev_end - start)))
         prev_end, start = end, start + stride
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = first.device if first is not None else torch.device("cpu")  # windows go where the model is
     total, count = 0.0, 0
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -141,15 +143,15 @@ def score_model(
                 for w in group:
                     by_len.setdefault(w[1] - w[0], []).append(w)
                 for length, ws in by_len.items():
-                    x = torch.from_numpy(np.stack([tokens[s:e] for s, e, _ in ws]))
-                    y = torch.from_numpy(np.stack([tokens[s + 1 : e + 1] for s, e, _ in ws]))
+                    x = torch.from_numpy(np.stack([tokens[s:e] for s, e, _ in ws])).to(device)
+                    y = torch.from_numpy(np.stack([tokens[s + 1 : e + 1] for s, e, _ in ws])).to(device)
                     logits = model(x)
                     if isinstance(logits, (tuple, list)):  # (logits, loss)-style forwards
                         logits = logits[0]
                     nll = F.cross_entropy(
                         logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
                     ).reshape(len(ws), length)
-                    keep = torch.arange(length)[None, :] >= torch.tensor([f for _, _, f in ws])[:, None]
+                    keep = (torch.arange(length)[None, :] >= torch.tensor([f for _, _, f in ws])[:, None]).to(device)
                     total += float(nll[keep].sum())
                     count += int(keep.sum())
     finally:

@@ -236,7 +236,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, caches: list[dict] | None = None, offset: int = 0,
-        segments: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None, positions: torch.Tensor | None = None, return_hidden: bool = False,
     ) -> torch.Tensor:
         """LongTensor [B, T] -> logits [B, T, vocab].
 
@@ -246,6 +246,9 @@ class GPT(nn.Module):
         `positions` [B, T] gives each row its own positions: batched decoding, where each
         layer's cache holds preallocated per-row slots (`slot_k`, `slot_v` [B, heads, block,
         head_dim], the write position `pos` [B] and the attention `mask` [B, 1, 1, block]).
+        `return_hidden=True` returns the final normalised hidden states [B, T, d_model] instead,
+        for a loss that applies `lm_head` a chunk of positions at a time (full-vocabulary
+        logits of a whole batch are the largest tensor of a training step).
         """
         T = idx.shape[1]
         if offset + T > self.cfg.block_size:
@@ -265,4 +268,5 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, None if caches is None else caches[i], mask)
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)

@@ -49,10 +49,12 @@ class LSTMLM(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.05)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx: torch.Tensor, state=None, return_state: bool = False):
+    def forward(self, idx: torch.Tensor, state=None, return_state: bool = False, return_hidden: bool = False):
+        """`return_hidden=True`: the input of `head` instead of logits, for the chunked training loss."""
         x = self.drop(self.emb(idx))
         out, state = self.rnn(x, state)
-        logits = self.head(self.proj(self.drop(out)))
+        hidden = self.proj(self.drop(out))
+        logits = hidden if return_hidden else self.head(hidden)
         return (logits, state) if return_state else logits
 
     def num_params(self) -> int:

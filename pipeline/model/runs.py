@@ -33,6 +33,32 @@ def build_model(model_cfg, vocab_size: int) -> GPT:
     return GPT(GPTConfig.from_dict(d, vocab_size=int(vocab_size)))
 
 
+def resolve_device(spec, key: str = "device") -> str:
+    """The torch device a config's `device` names: `auto` = the first CUDA GPU when there is
+    one, else the CPU; `cpu`, `cuda`, `cuda:N` and `mps` are taken as given, after checking
+    the machine has them (a clear error, not a failure deep inside the first `.to()`).
+    `key` names the setting in the error."""
+    want = str(spec if spec is not None else "auto").strip().lower()
+    if want in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(want)
+    except (RuntimeError, ValueError) as e:
+        raise PipelineError(f"{key}={spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"{key}={spec} but this machine has no usable CUDA device (torch {torch.__version__}, "
+                                f"built with CUDA {torch.version.cuda}): use {key}=auto or {key}=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PipelineError(f"{key}={spec} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise PipelineError(f"{key}={spec} but MPS is not available here: use {key}=auto or {key}=cpu")
+    elif dev.type != "cpu":
+        raise PipelineError(f"{key}={spec}: unsupported device type {dev.type!r}; use auto, cpu, cuda, cuda:N or mps")
+    return str(dev)
+
+
 def _load_ckpt(path: Path, device) -> dict:
     """Tensors and plain containers only (`weights_only=True`): a checkpoint never runs code."""
     try:
@@ -89,7 +115,7 @@ def require_causal_gpt(model, run_dir, what: str) -> None:
                             f"pretrain.objective=mlm (bidirectional): pretrain with pretrain.objective=clm first")
 
 
-__all__ = ["GPT", "GPTConfig", "build_model", "load_trained", "model_state", "require_causal_gpt"]
+__all__ = ["GPT", "GPTConfig", "build_model", "load_trained", "model_state", "require_causal_gpt", "resolve_device"]
 
 
 WHICH = ("latest", "pretrain", "finetune")
@@ -121,11 +147,11 @@ def load_run_tokenizer(run_dir: Path, meta: dict, cfg=None):
     raise PipelineError(f"no tokenizer.json for the model at {run_dir}: run `python -m pipeline tokenizer` first")
 
 
-def load_run(cfg, which: str = "latest"):
-    """(model, tokenizer, meta) of a run."""
+def load_run(cfg, which: str = "latest", device: str = "cpu"):
+    """(model on `device`, tokenizer, meta) of a run."""
     from pipeline.model.runs import load_trained, require_causal_gpt
 
     run_dir = run_dir_for(cfg, which)
-    model, meta = load_trained(run_dir)
+    model, meta = load_trained(run_dir, device)
     require_causal_gpt(model, run_dir, "generation")
     return model, load_run_tokenizer(run_dir, meta, cfg), meta

@@ -32,7 +32,7 @@ from pipeline.evaluation import metrics as M
 from pipeline.evaluation import parent as P
 from pipeline.evaluation import report as R
 from pipeline.evaluation.heldout import load_heldout, pairs_sha256, read_pairs
-from pipeline.model.runs import CKPT
+from pipeline.model.runs import CKPT, resolve_device
 from pipeline.stages import registry
 from pipeline.tokenize.bpe import load as load_tokenizer
 from pipeline.tokenize.shards import open_split, read_index
@@ -49,6 +49,7 @@ def run(cfg) -> dict:
     paths = {"root": root, "finetune": ft_dir, "pairs": ft_dir / "sft" / "heldout.jsonl",
              "funnel": Path(cfg.paths.clean) / "funnel.json", "stats": tok_dir / "stats.json"}
     batch_size, stride, max_new = int(ec.get("batch_size", 8)), ec.get("stride"), int(ec.max_new_tokens)
+    device = resolve_device(ec.get("device", "auto"), "eval.device")
     timings: dict[str, float] = {}
 
     # the held-out tokens every model scores, and the held-out fine-tuning pairs (with the run)
@@ -65,7 +66,8 @@ def run(cfg) -> dict:
     lstm = None
     if baselines.lstm_enabled(ec):
         with _timed(timings, "lstm"):
-            results["lstm"], lstm = baselines.lstm(open_split(shards_dir, "train", index), heldout, vocab_size, ec, seed)
+            results["lstm"], lstm = baselines.lstm(open_split(shards_dir, "train", index), heldout, vocab_size, ec, seed,
+                                                   device)
 
     # each model: bits per byte, samples, answers to the held-out questions and their BLEU / ROUGE
     prompts = [str(p) for p in ec.prompts]
@@ -74,6 +76,7 @@ def run(cfg) -> dict:
     block_sizes: dict[str, int] = {}
     for name, run_dir in runs.items():
         model, meta = scoring.load_model(run_dir, seed)
+        model = model.to(device)
         block_sizes[name] = int(meta["block_size"])
         with _timed(timings, f"{name}_score"):
             results[name] = scoring.score(model, heldout, block_sizes[name], batch_size, stride)
@@ -126,6 +129,7 @@ def run(cfg) -> dict:
             metrics=metrics_json,
             ngram_train_tokens=ngram["train_tokens"],
             models=list(runs),
+            device=device,
             finetune_present="finetune" in runs,
             timings=timings,
             lstm=lstm,

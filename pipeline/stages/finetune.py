@@ -44,7 +44,7 @@ from pipeline.training.trainer import (
 log = logging.getLogger(__name__)
 METHODS = ("full", "lora")
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard", "peak_flops",
-             "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue")
+             "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue", "loss_chunk_tokens")
 
 
 def run(cfg, callbacks: tuple = ()) -> dict:
@@ -100,6 +100,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         optimizer=str(tc.get("optimizer", "adamw")),
         fingerprint=fp,
         stage="finetune",
+        loss_chunk_tokens=int(tc.get("loss_chunk_tokens", 0) or 0),
     )
     module.model.load_state_dict(base.state_dict())
     lora = None

@@ -32,9 +32,9 @@ from pipeline.training.trainer import (
     setup_torch,
 )
 
-# keys that change how long or how loudly a run goes, not what it computes
+# keys that change how long, how loudly or in how much memory a run goes, not what it computes
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard",
-             "peak_flops", "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue")
+             "peak_flops", "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue", "loss_chunk_tokens")
 
 
 def fingerprint(cfg, index: dict) -> str:
@@ -98,6 +98,7 @@ def run(cfg, callbacks: tuple = ()) -> dict:
         objective=objective,
         seed=int(cfg.seed),
         token_bytes=_token_bytes(tokenizer, vocab),
+        loss_chunk_tokens=int(tc.get("loss_chunk_tokens", 0) or 0),
     )
     module.model.load_state_dict(model.state_dict())
 

@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.core.errors import PipelineError
@@ -59,6 +60,50 @@ def mlm_mask(x: torch.Tensor, mask_id: int, vocab: int, generator: torch.Generat
     return inp, labels
 
 
+def _chunk_nats(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                reduction: str) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight, bias).float(), y, ignore_index=IGNORE, reduction=reduction)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0,
+                          bias: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits `hidden @ weight.T + bias` against `targets` (IGNORE: no loss),
+    without holding the float32 logits of every position at once.
+
+    The flattened positions go through the output layer `chunk_tokens` rows at a time; with
+    gradients on, each chunk is checkpointed, so backward recomputes its logits instead of
+    keeping them (memory: one chunk x vocab, not batch x context x vocab, for one extra
+    output-layer matmul per step). `reduction` as in `F.cross_entropy`; "mean" is over the
+    targets that are not IGNORE. `chunk_tokens <= 0` (or at least all positions): one plain pass.
+    """
+    h = hidden.reshape(-1, hidden.size(-1))
+    y = targets.reshape(-1)
+    n = h.size(0)
+    if chunk_tokens <= 0 or chunk_tokens >= n:
+        return _chunk_nats(h, weight, bias, y, reduction)
+    part = "none" if reduction == "none" else "sum"
+    recompute = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    parts = []
+    for lo in range(0, n, chunk_tokens):
+        hc, yc = h[lo : lo + chunk_tokens], y[lo : lo + chunk_tokens]
+        if recompute:
+            parts.append(checkpoint(_chunk_nats, hc, weight, bias, yc, part, use_reentrant=False,
+                                    preserve_rng_state=False))
+        else:
+            parts.append(_chunk_nats(hc, weight, bias, yc, part))
+    if reduction == "none":
+        return torch.cat(parts)
+    total = torch.stack(parts).sum()
+    if reduction == "sum":
+        return total
+    return total / (y != IGNORE).sum()
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The Linear that turns a model's `return_hidden=True` output into logits."""
+    return model.lm_head if hasattr(model, "lm_head") else model.head
+
+
 class LitGPT(L.LightningModule):
     """Cross-entropy on (x, y) batches; y = -100 marks positions without loss.
 
@@ -66,6 +111,8 @@ class LitGPT(L.LightningModule):
     same backbone without the causal mask, trained BERT-style to recover 15 % corrupted
     tokens of x (y is unused); the mask token is one extra id past the tokenizer's vocabulary.
     `token_bytes` (UTF-8 bytes per token id) turns the validation loss into bits per byte.
+    `loss_chunk_tokens` > 0: the loss applies the output layer that many positions at a time
+    (`chunked_cross_entropy`); 0: full logits. Same loss and gradients either way.
     """
 
     def __init__(
@@ -88,6 +135,7 @@ class LitGPT(L.LightningModule):
         mask_prob: float = 0.15,
         seed: int = 0,
         token_bytes: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["token_bytes"])
@@ -104,10 +152,11 @@ class LitGPT(L.LightningModule):
                              persistent=False)
         self._val_sums: list[float] = [0.0, 0.0]  # nats, bytes over the current validation pass
 
-    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        kw = {"return_hidden": True} if return_hidden else {}
         if segments is None:
-            return self._fwd[0](idx)
-        return self._fwd[0](idx, segments=segments)
+            return self._fwd[0](idx, **kw)
+        return self._fwd[0](idx, segments=segments, **kw)
 
     def _targets(self, batch, step: int, salt: int):
         """(inputs, labels, segments) for the objective; MLM masks are seeded by (seed, step, salt)
@@ -122,9 +171,14 @@ class LitGPT(L.LightningModule):
 
     def _loss(self, batch, step: int = 0, salt: int = 0, reduction: str = "mean"):
         x, y, seg = self._targets(batch, step, salt)
-        logits = self(x, seg)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
-                               reduction=reduction)
+        chunk = int(self.hparams.get("loss_chunk_tokens", 0) or 0)
+        if chunk <= 0:
+            logits = self(x, seg)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE,
+                                   reduction=reduction)
+            return loss, y
+        head = output_layer(self.model)
+        loss = chunked_cross_entropy(self(x, seg, return_hidden=True), head.weight, y, chunk, head.bias, reduction)
         return loss, y
 
     def training_step(self, batch, batch_idx):

@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pipeline.core.artifacts import write_json
+from pipeline.model.gpt import GPTConfig
 from pipeline.model.runs import META
 from pipeline.training.checkpoints import RESUME_ENV, DurableCheckpoints
 from pipeline.training.lightning import DataDigest, Throughput, flops_per_token
 
+log = logging.getLogger(__name__)
 METRIC_COLUMNS = ["step", "train_loss", "val_loss", "lr"]  # Lightning's `epoch` is dropped: training is step-based
 BEST = "checkpoints/best.ckpt"
 TENSORBOARD = "tensorboard"
@@ -50,6 +53,74 @@ class BestCheckpoint(ModelCheckpoint):
                           "last_model_path": move(state_dict.get("last_model_path")),
                           "best_k_models": {move(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
         super().load_state_dict(state_dict)
+
+
+class PeakMemory(L.Callback):
+    """Peak accelerator memory of this fit: CUDA's peak counters are reset once the model is on
+    the device, so the numbers cover this stage even when stages share a process."""
+
+    def __init__(self) -> None:
+        self.device: torch.device | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            self.device = pl_module.device
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict:
+        """This process's peaks in bytes; the accelerator ones are None off CUDA."""
+        cuda = self.device is not None
+        return {
+            "peak_accelerator_memory_allocated_bytes": int(torch.cuda.max_memory_allocated(self.device)) if cuda else None,
+            "peak_accelerator_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)) if cuda else None,
+            "peak_process_rss_bytes": peak_rss_bytes(),
+        }
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size since it started (None where `resource` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def estimate_memory(model: torch.nn.Module, optimizer: str, tokens: int, precision: str, loss_chunk_tokens: int) -> dict:
+    """A rough per-device estimate (bytes) of a training step's memory, made before the run so a
+    config that cannot fit is visible up front: weights, gradients and optimizer state are
+    counted exactly (unsharded); activations kept for backward are taken as about 13 d + 4 h
+    values per token and layer for the transformer (d = width, h = MLP hidden; a fused attention
+    kernel, no T x T scores), 6 x hidden per layer for the LSTM; the loss holds one chunk of
+    logits (compute dtype, float32 log-probabilities and their gradient) x vocabulary.
+    `tokens` = positions in one micro-batch."""
+    half = "16" in str(precision)
+    weight_bytes = 2 if half and str(precision).endswith("-true") else 4
+    act_bytes = 2 if half else 4
+    named = [(n, p) for n, p in model.named_parameters()]
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    states = 0
+    for n, p in trainable:  # AdamW keeps two moments; Muon one momentum buffer for the blocks' matrices
+        states += p.numel() * (1 if optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.") else 2)
+    cfg = model.cfg
+    if isinstance(cfg, GPTConfig):
+        mlp = 4 if cfg.arch == "llama" else 2
+        per_token = cfg.n_layer * (13 * cfg.d_model + mlp * cfg.mlp_hidden) + 4 * cfg.d_model
+    else:
+        per_token = cfg.layers * 6 * cfg.hidden + 3 * cfg.embed_dim
+    rows = min(int(loss_chunk_tokens), tokens) if int(loss_chunk_tokens) > 0 else tokens
+    out = {
+        "params_bytes": sum(p.numel() for _, p in named) * weight_bytes,
+        "grads_bytes": sum(p.numel() for _, p in trainable) * weight_bytes,
+        "optimizer_bytes": states * weight_bytes,
+        "activations_bytes": int(tokens) * per_token * act_bytes,
+        "logits_bytes": rows * int(cfg.vocab_size) * (act_bytes + 8),
+        "tokens_per_micro_batch": int(tokens),
+        "loss_chunk_tokens": int(loss_chunk_tokens),
+    }
+    out["total_bytes"] = sum(v for k, v in out.items() if k.endswith("_bytes"))
+    return out
 
 
 def is_rank_zero() -> bool:
@@ -186,12 +257,22 @@ def fit(
     tokens_per_step = _tokens_per_batch(datamodule) * accumulate
     peak = tc.get("peak_flops", None)
     throughput = Throughput(tokens_per_step, flops_per_token(module.model), float(peak) if peak else None, log_every)
+    block = getattr(datamodule, "block_size", None) or getattr(module.model.cfg, "block_size", 0)
+    memory = estimate_memory(module.model, str(module.hparams.get("optimizer", "adamw")),
+                             int(datamodule.batch_size) * int(block), str(tc.get("precision", "32-true")),
+                             int(module.hparams.get("loss_chunk_tokens", 0) or 0))
+    if is_rank_zero():
+        log.info("training memory estimate per device: %.2f GiB (params %.2f, grads %.2f, optimizer %.2f, "
+                 "activations %.2f, logits %.2f)", *(memory[k] / 2**30 for k in (
+                     "total_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes",
+                     "logits_bytes")))
+    peak_memory = PeakMemory()
     digest = DataDigest()
     datamodule.digest = digest
     durable = DurableCheckpoints(work / "checkpoints", ckpt_every, float(tc.get("ckpt_every_minutes", 0) or 0),
                                  int(tc.get("keep_checkpoints", 2) or 2), str(module.hparams.get("stage", "training")),
                                  slurm_requeue=bool(tc.get("slurm_requeue", True)))
-    cbs = [durable, throughput, *callbacks]
+    cbs = [durable, throughput, peak_memory, *callbacks]
     if has_val:
         cbs.insert(1, BestCheckpoint(dirpath=work / "checkpoints", filename="best", monitor="val_loss", mode="min",
                                      save_top_k=1, save_last=False, save_on_train_epoch_end=False,
@@ -241,6 +322,7 @@ def fit(
     # max_steps) gets one more pass, decided the same way on every rank
     if has_val and step > 0 and step % val_every != 0:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final state's val loss
+    peaks = peak_memory.read()  # training and validation, before checkpoints and digests
     for lg in trainer.loggers:
         lg.save()
     rows = _logged_rows(work / "logs" / "metrics.csv")
@@ -278,6 +360,8 @@ def fit(
         "final_train_loss": sum(trains[-5:]) / len(trains[-5:]) if trains else None,
         "resumed_from_step": resume["step"] if resume else None,
         "stopped_early": step < int(max_steps),
+        "memory_estimate": memory,
+        **peaks,
     }
 
 

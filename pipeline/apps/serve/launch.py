@@ -24,13 +24,12 @@ def load_model(cfg):
         load_run_tokenizer,
         load_trained,
         require_causal_gpt,
+        resolve_device,
     )
 
     sc = cfg.serve
     want = str(sc.model)
-    device = str(sc.get("device", "auto"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(sc.get("device", "auto"), "serve.device")
     if want in WHICH:
         model, tokenizer, meta = load_run(cfg, want)
     else:
