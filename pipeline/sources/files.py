@@ -393,7 +393,7 @@ class FilesReader:
                 self.input_hash.update(block)
                 self.bytes_read += len(block)
         row = 0
-        batches = pf.iter_batches(batch_size=1024, columns=[self.text_field])
+        batches = parquet_batches(pf, [self.text_field])
         while True:
             try:
                 batch = next(batches)
@@ -411,6 +411,13 @@ class FilesReader:
                 else:
                     yield self.row(where, "text/plain", name, text=value)
                 row += 1
+
+
+def parquet_batches(pf: pq.ParquetFile, columns: list[str] | None, batch_rows: int = 1024) -> Iterator:
+    """A Parquet file's rows in record batches, one row group at a time: a single reader over
+    all row groups keeps what it has read allocated until the end (about the file's size)."""
+    for group in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
 
 
 def source_files(source, ctx, kind: str, example: str) -> tuple[list[str], list]:
