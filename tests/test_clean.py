@@ -270,7 +270,7 @@ def test_clean_stage_funnel_and_dedup(tmp_path):
     }
     assert {r["url"]: r["text"] for r in rejected}["doc1"] == "too short"  # rejected docs keep their text
     index = read_json(out / INDEX / "index.json")
-    assert index["run"] == 0 and index["params"]["bands"] == 14 and len(index["shards_in"]) == 3
+    assert index["run"] == 0 and index["params"]["bands"] == 20 and len(index["shards_in"]) == 3
     assert summary["dedup"]["index_entries"]["exact"] == 2
     assert not (out / clean.WORK).exists()
     # raw shard 1 held only rejected docs, so the kept shard descends from raw shards 0 and 0

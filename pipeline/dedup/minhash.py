@@ -11,7 +11,7 @@ The same four stages as datatrove's MinHash dedup, with the work vectorised in n
    empty bins filled by optimal densification (Shrivastava 2017). Per bin, two
    documents collide with probability equal to their Jaccard similarity, as with
    ``bands * rows`` independent permutations, but a document costs one hash per shingle
-   instead of 112, and a whole shard is one ``np.minimum.at`` call. Every band's rows are
+   instead of 100, and a whole shard is one ``np.minimum.at`` call. Every band's rows are
    then hashed to one 64-bit bucket id, and the shard writes, per band, a file of
    ``(bucket, key)`` sorted by bucket (plus one for the exact hash of the normalised text).
 2. **Buckets** (fan-out over band x hash-range partitions): a task reads only its hash
@@ -52,8 +52,8 @@ class DedupParams:
     exact: bool = True
     near: bool = True
     ngram: int = 5
-    bands: int = 14
-    rows: int = 8
+    bands: int = 20  # as conf/clean: recall ~0.98 on copies with 3 % of words edited (14 x 8: ~0.77)
+    rows: int = 5
     seed: int = 1
     # Links whose signatures agree on fewer than this fraction of rows are dropped as chance
     # band collisions (an estimate of Jaccard; 0 keeps every LSH candidate, as datatrove does).

@@ -44,7 +44,7 @@ from pipeline.training.trainer import (
 log = logging.getLogger(__name__)
 METHODS = ("full", "lora")
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard", "peak_flops",
-             "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue", "loss_chunk_tokens")
+             "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue", "loss_chunk_tokens", "loggers")
 
 
 def run(cfg, callbacks: tuple = ()) -> dict:

@@ -34,7 +34,7 @@ from pipeline.training.trainer import (
 
 # keys that change how long, how loudly or in how much memory a run goes, not what it computes
 _VOLATILE = ("max_time", "progress_bar", "num_threads", "resume", "ckpt_every", "log_every", "tensorboard",
-             "peak_flops", "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue", "loss_chunk_tokens")
+             "peak_flops", "ckpt_every_minutes", "keep_checkpoints", "slurm_requeue", "loss_chunk_tokens", "loggers")
 
 
 def fingerprint(cfg, index: dict) -> str:

@@ -3,12 +3,14 @@
 One `fit()` builds the Lightning Trainer from a stage's settings (accelerator, devices,
 strategy, precision, max_steps, max_time come straight from YAML, so a GPU or DDP run is
 a config change), trains in the run directory with a `CSVLogger` and durable checkpoints
-(`pipeline.training.checkpoints`), and leaves it in the documented layout.
+(`pipeline.training.checkpoints`), and leaves it in the documented layout. TensorBoard is on
+by default; `<stage>.loggers` adds MLflow or Weights & Biases (`tracking_loggers`).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 import shutil
@@ -22,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from pipeline.core.artifacts import write_json
+from pipeline.core.errors import PipelineError
 from pipeline.model.gpt import GPTConfig
 from pipeline.model.runs import META
 from pipeline.training.checkpoints import RESUME_ENV, DurableCheckpoints
@@ -221,6 +224,80 @@ def _carry_history(work: Path, resume: dict | None) -> list[dict]:
     return rows
 
 
+TRACKERS = {"mlflow": "mlflow-skinny", "wandb": "wandb"}  # `<stage>.loggers` names -> the pip package each needs
+
+
+def tracking_loggers(spec, work: Path, stage: str) -> list:
+    """The experiment trackers named in `<stage>.loggers`, logging what metrics.csv and TensorBoard get.
+
+    An entry is a name or a mapping of `name` plus keyword arguments of Lightning's
+    MLFlowLogger / WandbLogger, which win over the defaults below. The local stores sit in the
+    runs root (`<paths.runs>/mlflow/`, `<paths.runs>/wandb/`; a run directory is
+    `<paths.runs>/<stage>/<name>` and is removed once published), so runs accumulate there."""
+    entries = list(spec) if isinstance(spec, (list, tuple)) else ([spec] if spec else [])
+    checked = []
+    for i, entry in enumerate(entries):  # every entry first, so a bad one fails before any logger starts
+        where = f"{stage}.loggers[{i}]"
+        opts = dict(entry) if isinstance(entry, dict) else {"name": entry}
+        name = str(opts.pop("name", "")).strip().lower()
+        if name not in TRACKERS:
+            raise PipelineError(f"{where}: unknown logger {name!r}; expected one of {', '.join(TRACKERS)} "
+                                f"(metrics.csv is always written, TensorBoard with {stage}.tensorboard=true)")
+        if importlib.util.find_spec(name) is None:
+            raise PipelineError(f"{where}: the {name} logger needs the {TRACKERS[name]} package: "
+                                f"pip install {TRACKERS[name]} (or the project's extra: pip install -e '.[tracking]')")
+        checked.append((where, name, opts))
+    root = Path(work).parent.parent
+    out = []
+    for where, name, opts in checked:
+        build = _mlflow_logger if name == "mlflow" else _wandb_logger
+        try:
+            out.append(build(opts, root, Path(work).name, stage))
+        except TypeError as e:  # an option the logger does not take
+            raise PipelineError(f"{where}: {e}") from e
+    return out
+
+
+def _mlflow_logger(opts: dict, root: Path, run_name: str, stage: str):
+    """MLFLOW_TRACKING_URI (or a `tracking_uri` option) when set, else a SQLite store in
+    `<root>/mlflow/`: MLflow 3 refuses the plain-directory store unless MLFLOW_ALLOW_FILE_STORE is set."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    args = {"experiment_name": stage, "run_name": run_name, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    if not args["tracking_uri"] and "tracking_uri" not in opts:
+        store = (root / "mlflow").resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        args.update(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", artifact_location=str(store / "artifacts"))
+    return MLFlowLogger(**{**args, **opts})
+
+
+def _wandb_logger(opts: dict, root: Path, run_name: str, stage: str):
+    """Offline unless WANDB_MODE or the options say otherwise: nothing leaves the machine
+    unasked, and `wandb sync <root>/wandb/offline-run-*` uploads later."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = Path(opts.pop("save_dir", None) or os.environ.get("WANDB_DIR") or root)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    args = {"name": run_name, "project": os.environ.get("WANDB_PROJECT", "pipeline"), "job_type": stage,
+            "save_dir": str(save_dir)}
+    if "WANDB_MODE" not in os.environ and not {"mode", "offline"} & set(opts):
+        args["mode"] = "offline"
+    logger = WandbLogger(**{**args, **opts})
+    logger.finish_with_fit = wandb.run is None  # a run someone else started (a sweep's) stays theirs
+    return logger
+
+
+def finish_tracking(loggers, exit_code: int = 0) -> None:
+    """End the W&B run this fit started (Lightning leaves it open until the process exits, and the
+    next stage in the same process would log into it); the Trainer ends MLflow's runs itself."""
+    if any(getattr(lg, "finish_with_fit", False) for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
+
+
 def fit(
     module: L.LightningModule,
     datamodule,
@@ -238,6 +315,7 @@ def fit(
     logging and checkpoints all count optimizer steps."""
     quiet_lightning()
     work = Path(work)
+    trackers = tracking_loggers(tc.get("loggers", []), work, str(module.hparams.get("stage", "training")))
     val_every = max(1, int(tc.get("val_every", 100)))
     log_every = max(1, int(tc.get("log_every", 10)))
     ckpt_every = int(tc.get("ckpt_every", 0) or val_every)
@@ -280,6 +358,7 @@ def fit(
     loggers = [CSVLogger(work / "logs", name="", version="", flush_logs_every_n_steps=ckpt_every)]
     if bool(tc.get("tensorboard", True)):
         loggers.append(TensorBoardLogger(work, name=TENSORBOARD, version="", default_hp_metric=False))
+    loggers += trackers
     progress = bool(tc.get("progress_bar", True))
     if progress:
         cbs.append(TQDMProgressBar(refresh_rate=log_every))
@@ -313,6 +392,9 @@ def fit(
         os.environ[RESUME_ENV] = str(resume["ckpt"]) if resume else ""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume["ckpt"]) if resume else None)
+    except BaseException:
+        finish_tracking(trackers, exit_code=1)
+        raise
     finally:
         if is_rank_zero():
             os.environ.pop(RESUME_ENV, None)
@@ -325,6 +407,7 @@ def fit(
     peaks = peak_memory.read()  # training and validation, before checkpoints and digests
     for lg in trainer.loggers:
         lg.save()
+    finish_tracking(trackers)
     rows = _logged_rows(work / "logs" / "metrics.csv")
     for r in rows:  # `validate` logs one past the last step
         if "val_loss" in r and r["step"] > step:
