@@ -504,6 +504,19 @@ def test_rouge_hand_computed():
     assert M.rouge_n([hyp, "x"], [ref, "y"], 1) == pytest.approx(100 * (5 / 6) / 2)
 
 
+def test_bleu_counts_chinese_by_character():
+    hyp, ref = "今天的天气非常好，我们去公园。", "今天的天气很好，我们去公园散步。"
+    # 13a sees one token per sentence (no spaces), so a near match would score 0
+    import sacrebleu
+
+    assert sacrebleu.corpus_bleu([hyp], [[ref]], tokenize="13a").score == 0.0
+    assert 40 < M.bleu([hyp], [ref]) < 100
+    assert M.bleu([ref], [ref]) == pytest.approx(100.0)
+    english = ("the cat sat on the mat", "the cat sat on a mat")
+    assert M.bleu([english[0]], [english[1]]) == pytest.approx(
+        sacrebleu.corpus_bleu([english[0]], [[english[1]]], tokenize="13a").score)
+
+
 # ------------------------------------------------------------------ parent run and release gate
 
 

@@ -88,6 +88,10 @@ def _target_modules(files: list[Path]) -> tuple[str, ...]:
     return tuple(sorted(mods))
 
 
+# Groups whose options (`# @package _global_`) may set any other group's keys: every stage reads them.
+GLOBAL_GROUPS = ("recipe",)
+
+
 def _defaults(conf: Path) -> list:
     return yaml.safe_load((conf / "config.yaml").read_text()).get("defaults") or []
 
@@ -98,7 +102,7 @@ def stage_yaml(stage: Stage, root: Path, conf: Path, paths: dict[str, str]) -> d
     top_keys: list[str] = []
     files: dict[str, list[str] | None] = {}
     conf_files: list[Path] = []
-    for item in stage.config:
+    for item in (*stage.config, *(g for g in GLOBAL_GROUPS if (conf / g).is_dir())):
         group, _, key = item.partition(".")
         if item in TOP_LEVEL_KEYS:
             top_keys.append(item)

@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from pipeline.filters.text import cjk_fraction
+
 LN2 = math.log(2.0)
 
 
@@ -34,12 +36,15 @@ def perplexity(total_nats: float, n_tokens: int) -> float:
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, 0-100)."""
+    """Corpus BLEU (sacrebleu, 0-100): 13a tokens, or sacrebleu's `zh` tokens (each CJK
+    character one token, the rest as 13a) where a reference holds Chinese or Japanese, which
+    have no spaces: under 13a a whole Chinese sentence is one token and BLEU is ~0."""
     import sacrebleu
 
     if not hypotheses:
         return 0.0
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+    tokenize = "zh" if any(cjk_fraction(r) > 0 for r in references) else "13a"
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize).score)
 
 
 def _tokens(text: str) -> list[str]:
