@@ -207,6 +207,8 @@ def main() -> None:
                 bpb, more = score_ours(work, val_text)
             res["ours"] = {"bpb": bpb, **info, **more}
         print(f"{side}: {res[side]}", flush=True)
+    if len(res) < 2:
+        return
     base, ours = res["base"], res["ours"]
     print("\n| side | held-out bpb | training s | detail |\n| --- | --- | --- | --- |")
     print(f"| nanoGPT CPU quick start ({args.iters} iters) | {base['bpb']:.4f} | {base['train_s']} | |")
