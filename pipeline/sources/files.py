@@ -89,7 +89,40 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_files(paths: list[str], refused: list[str] | None = None, allow_outside: bool = False) -> list[Path]:
+def _walk(top: Path, follow_links: bool, links: list[str] | None) -> list[Path]:
+    """Files (and dangling links, to be reported) under ``top``, sorted. A link to a directory
+    is walked only when ``follow_links``, each real directory once (so a link loop ends);
+    otherwise it is named in ``links``: a folder of links must not read as an empty corpus."""
+    out: list[Path] = []
+    visited: set[str] = set()
+
+    def visit(d: Path) -> None:
+        real = os.path.realpath(d)
+        if real in visited:
+            return
+        visited.add(real)
+        for e in sorted(os.scandir(d), key=lambda e: e.name):
+            p = Path(e.path)
+            try:
+                is_dir = e.is_dir()  # follows the link, if it is one
+            except OSError:  # a link loop: listed below as a file, so that reading it reports it
+                is_dir = False
+            if is_dir:
+                if e.is_symlink() and not follow_links:
+                    if links is not None:
+                        links.append(f"{p}: a link to the directory {os.path.realpath(p)}; not followed "
+                                     f"(source.allow_outside_root=true follows directory links)")
+                    continue
+                visit(p)
+            elif e.is_symlink() or e.is_file():  # a dangling or looping link too: reported when read
+                out.append(p)
+
+    visit(top)
+    return sorted(out)
+
+
+def resolve_files(paths: list[str], refused: list[str] | None = None, allow_outside: bool = False,
+                  links: list[str] | None = None) -> list[Path]:
     """Every file named by the paths (dirs walked, globs expanded), each input's files sorted.
 
     A file found by walking a directory or expanding a glob must resolve inside that
@@ -97,7 +130,8 @@ def resolve_files(paths: list[str], refused: list[str] | None = None, allow_outs
     is left out and described in ``refused``. A file reached twice (two links, a glob through
     a symlinked directory loop) is read once. Files named explicitly are taken as given.
     ``allow_outside`` (``source.allow_outside_root``) follows links anywhere, for trusted trees
-    built of links (a Hugging Face hub snapshot, git-annex).
+    built of links (a Hugging Face hub snapshot, git-annex), directory links included; without
+    it a directory link is not walked and is described in ``links``.
     """
     files: list[Path] = []
     seen: set[str] = set()
@@ -117,7 +151,7 @@ def resolve_files(paths: list[str], refused: list[str] | None = None, allow_outs
         for c in candidates:
             # a dangling link is listed too, so that it is reported rather than silently missed
             walked = c.is_dir()
-            found = sorted(p for p in c.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists())) if walked else [c]
+            found = _walk(c, allow_outside, links) if walked else [c]
             for f in found:
                 real = os.path.realpath(f)  # never raises, even on a symlink loop
                 if root is not None and not allow_outside and not _inside(real, root):
@@ -429,9 +463,12 @@ def source_files(source, ctx, kind: str, example: str) -> tuple[list[str], list]
         raise PipelineError(f"source={kind} needs source.paths, e.g. source.paths='[{example}]'")
     paths = input_paths(source.paths)
     refused: list[str] = []
-    files = resolve_files(paths, refused, bool(source.get("allow_outside_root", False)))
+    links: list[str] = []
+    files = resolve_files(paths, refused, bool(source.get("allow_outside_root", False)), links)
     for message in refused:
         ctx.problem("skipped_outside_root", message)
+    for message in links:
+        ctx.problem("skipped_directory_link", message)
     return paths, files
 
 

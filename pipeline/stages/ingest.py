@@ -39,12 +39,14 @@ def _sources() -> dict[str, Callable[..., Iterator[dict]]]:
 
 def _empty_message(kind: str, ctx: IngestContext) -> str:
     statuses = ", ".join(f"{k}={v}" for k, v in sorted(ctx.docs.items())) or "none"
+    first = next((m[0] for _, m in sorted(ctx.examples.items()) if m), None)
+    why = f"; e.g. {first}" if first else ""
     if "input_paths" in ctx.extra:
         return (
             f"no documents found in {', '.join(ctx.extra['input_paths'])} "
-            f"({ctx.extra.get('files_found', 0)} files, statuses: {statuses})"
+            f"({ctx.extra.get('files_found', 0)} files, statuses: {statuses}){why}"
         )
-    return f"{kind} produced no documents (statuses: {statuses})"
+    return f"{kind} produced no documents (statuses: {statuses}){why}"
 
 
 def run(cfg) -> dict:

@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
@@ -145,6 +146,9 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path):
     assert sorted(m.split(":")[0] for m in ex["skipped_outside_root"]) == [f"{d}/dotdot.txt", f"{d}/escape.txt"]
     assert all("outside the input root" in m for m in ex["skipped_outside_root"])
     assert all("symbolic links" in m for m in ex["error_unreadable"]), ex["error_unreadable"]
+    # directory links are not walked, and each is named (a folder of links is not an empty corpus)
+    assert st["skipped_directory_link"] == 2
+    assert sorted(m.split(":")[0] for m in ex["skipped_directory_link"]) == [f"{d}/dirlink", f"{d}/sub/up"]
     # a recursive glob follows the directory links: still nothing outside, nothing twice, no endless walk
     summary = run_source(tmp_path / "glob", "files", f"{d}/**/*.txt")
     assert [r["text"] for r in rows_of(tmp_path / "glob")] == ["inside"]
@@ -152,8 +156,31 @@ def test_symlink_loops_and_links_out_of_the_root(tmp_path):
     assert all("secret" not in json.dumps(r) for r in rows_of(tmp_path / "glob"))
     # a trusted tree of links (a Hugging Face hub snapshot, git-annex) can opt out
     summary = run_source(tmp_path / "trusted", "files", d, extra=["source.allow_outside_root=true"])
-    assert sorted(r["text"] for r in rows_of(tmp_path / "trusted")) == ["inside", "never ingested"]
+    # ...and then directory links are walked too, each real directory once (the loop ends)
+    assert sorted(r["text"] for r in rows_of(tmp_path / "trusted")) == ["inside", "never ingested",
+                                                                          "never ingested either"]
     assert "skipped_outside_root" not in summary["statuses"]
+    assert "skipped_directory_link" not in summary["statuses"]
+
+
+def test_a_folder_of_directory_links(tmp_path):
+    """The input folder holds only a link to the real data: counted and named, or followed."""
+    data = tmp_path / "store" / "corpus"
+    data.mkdir(parents=True)
+    for i in range(3):
+        (data / f"{i}.txt").write_text(f"document number {i}")
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "corpus").symlink_to(data, target_is_directory=True)
+    (d / "again").symlink_to(data, target_is_directory=True)  # the same directory twice: read once
+    from pipeline.core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="skipped_directory_link") as err:
+        run_source(tmp_path / "refused", "files", d)
+    assert "allow_outside_root=true follows directory links" in str(err.value), str(err.value)
+    summary = run_source(tmp_path / "followed", "files", d, extra=["source.allow_outside_root=true"])
+    assert sorted(r["text"] for r in rows_of(tmp_path / "followed")) == [f"document number {i}" for i in range(3)]
+    assert summary["files_read"] == 3
 
 
 def test_fifos_and_devices_are_not_read(tmp_path):
