@@ -316,32 +316,24 @@ def _local_tasks(path: Path, name: str, split: str, config: str | None, field: s
 
 
 def _local(path: Path, name: str, split: str, config: str | None, field: str, max_docs: int, source, ctx):
-    from pipeline.core.executor import map_ordered
-    from pipeline.sources.raw import ShardPart, content_bytes
+    from pipeline.sources.raw import content_bytes, file_shards
 
     tasks = _local_tasks(path, name, split, config, field, source, ctx)
     log.info("ingest: hf: %s split %s: %d data files", name, split, len(tasks))
-    files_read = 0
-    try:
-        if max_docs:  # a sample: read here, file by file, and stop at the cap
-            rows = 0
-            for task in tasks:
-                for r in file_rows(task, ctx):
-                    if rows >= max_docs:
-                        ctx.count("skipped_max_docs")
-                        return
-                    rows += 1
-                    ctx.count("read", content_bytes(r))
-                    yield r
-                files_read += task["ok"]
-            return
-        for res in map_ordered(ingest_file, tasks, ctx.executor):
-            ctx.merge(res["docs"], res["bytes"], res["examples"])
-            files_read += res["ok"]
-            for part, rows, nbytes in res["parts"]:
-                yield ShardPart(Path(part), rows, nbytes, input=res["path"])
-    finally:
-        ctx.extra.update(input_paths=[name], files_found=len(tasks), files_read=files_read)
+    ctx.extra.update(input_paths=[name], files_found=len(tasks), files_read=0)
+    if not max_docs:
+        yield from file_shards(ingest_file, tasks, ctx)
+        return
+    rows = 0  # a sample: read here, file by file, and stop at the cap
+    for task in tasks:
+        for r in file_rows(task, ctx):
+            if rows >= max_docs:
+                ctx.count("skipped_max_docs")
+                return
+            rows += 1
+            ctx.count("read", content_bytes(r))
+            yield r
+        ctx.extra["files_read"] += task["ok"]
 
 
 def _hub(name: str, split: str, config: str | None, field: str, max_docs: int, source, ctx):

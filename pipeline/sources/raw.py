@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,18 @@ class ShardPart:
     rows: int
     bytes: int
     input: str | None = None  # the input file it came from (lineage in the summary)
+
+
+def file_shards(worker: Callable[[dict], dict], tasks: list[dict], ctx) -> Iterator[ShardPart]:
+    """One ``worker`` task per input file on the executor, in file order: each file's counts go
+    into ``ctx`` and the shards it wrote are yielded; ``ctx.extra["files_read"]`` grows as files finish."""
+    from pipeline.core.executor import map_ordered
+
+    for res in map_ordered(worker, tasks, ctx.executor):
+        ctx.merge(res["docs"], res["bytes"], res["examples"])
+        ctx.extra["files_read"] = ctx.extra.get("files_read", 0) + res["ok"]
+        for path, rows, nbytes in res["parts"]:
+            yield ShardPart(Path(path), rows, nbytes, input=res["path"])
 
 
 class IngestContext:

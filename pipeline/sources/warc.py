@@ -121,8 +121,7 @@ def ingest_file(task: dict) -> dict:
 def documents(source, ctx) -> Iterator:
     """Fan out over the files (``executor`` config); shards come back in file order and never
     span two input files, so the output is the same whatever the number of workers."""
-    from pipeline.core.executor import map_ordered
-    from pipeline.sources.raw import ShardPart
+    from pipeline.sources.raw import file_shards
 
     paths, files = source_files(source, ctx, "warc", "/data/cc/*.warc.gz")
     common = {
@@ -134,12 +133,5 @@ def documents(source, ctx) -> Iterator:
         "max_shard_bytes": int(source.get("max_shard_bytes", 0) or 0),
     }
     tasks = [{**common, "path": str(p), "index": i} for i, p in enumerate(files)]
-    files_read = 0
-    try:
-        for res in map_ordered(ingest_file, tasks, ctx.executor):
-            ctx.merge(res["docs"], res["bytes"], res["examples"])
-            files_read += res["ok"]
-            for path, rows, nbytes in res["parts"]:
-                yield ShardPart(Path(path), rows, nbytes, input=res["path"])
-    finally:
-        ctx.extra.update(input_paths=paths, files_found=len(files), files_read=files_read)
+    ctx.extra.update(input_paths=paths, files_found=len(files), files_read=0)
+    yield from file_shards(ingest_file, tasks, ctx)
